@@ -1,0 +1,19 @@
+"""fastclip_kernels: fast, memory-lean kernels for CLIP training.
+
+    from fastclip_kernels import FastContrastiveLoss   # drop-in for open_clip's ClipLoss
+"""
+
+__version__ = "0.1.0"
+
+from .nn import FastContrastiveLoss, FastSigLipLoss
+from .ops import contrastive_loss, siglip_loss, similarity_logsumexp, similarity_softplus_sum
+
+__all__ = [
+    "FastContrastiveLoss",
+    "FastSigLipLoss",
+    "contrastive_loss",
+    "siglip_loss",
+    "similarity_logsumexp",
+    "similarity_softplus_sum",
+    "__version__",
+]

@@ -1,0 +1,63 @@
+"""Argument checks shared by the public losses: each error names the argument and what was expected.
+
+Checks never synchronize with a GPU: the finiteness of a CUDA ``logit_scale`` is only checked when
+``FASTCLIP_CHECK_FINITE=1`` (a host sync per call); CPU tensors and Python numbers are always checked.
+"""
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_features(name: str, x, dim: int | None = None, device=None, dtype=None) -> None:
+    """x must be a non-empty [B, D] floating tensor (matching ``dim``/``device``/``dtype`` if given)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be fp16/bf16/fp32/fp64, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} has feature dim {x.shape[1]}, expected {dim} (as image_features)")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (as image_features)")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}, expected {dtype} (as image_features)")
+
+
+def check_same_batch(name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if x.shape[0] != other.shape[0]:
+        raise ValueError(
+            f"{name} has batch {x.shape[0]} but {other_name} has batch {other.shape[0]}; "
+            "each image needs its paired text"
+        )
+
+
+def as_scalar_tensor(name: str, value, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A Python number (made a ``dtype`` tensor) or 1-element floating tensor on ``device``, finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return torch.tensor(float(value), device=device, dtype=dtype)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, expected {device} (as the features)")
+    if value.device.type == "cpu" or os.environ.get("FASTCLIP_CHECK_FINITE") == "1":
+        if not torch.isfinite(value.detach()).all():
+            raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
+    return value
+
+
+def scalar_dtype(features_dtype: torch.dtype) -> torch.dtype:
+    """dtype for a logit scale/bias given as a Python number: fp64 for fp64 features, else fp32."""
+    return torch.float64 if features_dtype == torch.float64 else torch.float32

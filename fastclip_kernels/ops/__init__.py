@@ -1,0 +1,7 @@
+"""Kernels, launchers, autograd Functions and the functional API."""
+
+from .contrastive_loss import contrastive_loss
+from .pairwise import similarity_logsumexp, similarity_softplus_sum
+from .sigmoid_loss import siglip_loss
+
+__all__ = ["contrastive_loss", "siglip_loss", "similarity_logsumexp", "similarity_softplus_sum"]

@@ -1,0 +1,259 @@
+"""Triton kernels for losses that are sums over a tiled similarity matrix.
+
+All kernels see two feature matrices, A [M, D] (rows, e.g. the local image features) and
+C [N, D] (columns, e.g. the gathered text features), and the logits
+
+    z_ij = s * <a_i, c_j> + beta            (s = logit_scale, beta = logit_bias)
+
+which are recomputed tile by tile and never stored: memory is O((M + N) * D).
+
+Forward kernels:
+    * ``_row_logsumexp_fwd_kernel``: lse_i = log sum_j exp(z_ij), with an online max (finite for any
+      s and any feature norm). The column LSE is the same kernel with A and C swapped.
+    * ``_softplus_sum_fwd_kernel``: per row block, sum_ij softplus(z_ij) (SigLIP's negatives).
+
+Backward kernel (shared): for a loss L whose derivative in the logits is W_ij = dL/dz_ij,
+    dA = s * W @ C,   dC = s * W^T @ A,   ds = sum_ij W_ij <a_i, c_j>,   dbeta = sum_ij W_ij.
+``_pairwise_grad_kernel`` computes dA (and per-block partials of ds, dbeta); dC is the same kernel
+with the roles of A and C swapped, since W^T is W of the swapped problem. W is:
+    * LOSS_LSE:     W_ij = g_row_i * exp(z_ij - lse_row_i) + g_col_j * exp(z_ij - lse_col_j)
+    * LOSS_SIGMOID: W_ij = g * sigmoid(z_ij)
+Kernels use the vocabulary in CONTRIBUTING.md (pid_*, offs_*, mask_*, *_ptr, BLOCK_*).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOSS_LSE = 0
+LOSS_SIGMOID = 1
+
+
+@triton.jit
+def _similarity_tile(
+    a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """<a_i, c_j> for one [BLOCK_M, BLOCK_N] tile, fp32 accumulation over D in BLOCK_D steps."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :],
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        c = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(c), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _softplus(z):
+    """log(1 + exp(z)) without overflow, accurate where exp(-|z|) is below fp32 epsilon."""
+    t = tl.exp(-tl.abs(z))
+    log1p_t = tl.where(t < 1e-4, t * (1.0 - 0.5 * t), tl.log(1.0 + t))
+    return tl.maximum(z, 0.0) + log1p_t
+
+
+@triton.jit
+def _row_logsumexp_fwd_kernel(
+    a_ptr, c_ptr, scale_ptr, bias_ptr, lse_ptr,
+    M, N, D, stride_am, stride_cn,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program: BLOCK_M rows of A against all N rows of C.  Grid: (cdiv(M, BLOCK_M),).
+    # Reads BLOCK_M*D + N*D elements (C tiles hit L2 across programs); writes BLOCK_M fp32.
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
+                               stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        z = tl.where(mask_n[None, :], dot * scale + bias, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
+
+
+@triton.jit
+def _softplus_sum_fwd_kernel(
+    a_ptr, c_ptr, scale_ptr, bias_ptr, partial_ptr,
+    M, N, D, stride_am, stride_cn,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program: sum of softplus(z_ij) over BLOCK_M rows and all N columns, written to
+    # partial_ptr[pid_m] (summed on the host side in fixed order: deterministic, no atomics).
+    # Grid: (cdiv(M, BLOCK_M),). Reads BLOCK_M*D + N*D elements; writes 1 fp32.
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
+                               stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        sp = _softplus(dot * scale + bias)
+        acc += tl.sum(tl.where(mask_m[:, None] & mask_n[None, :], sp, 0.0), axis=1)
+    tl.store(partial_ptr + pid_m, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _pairwise_weight(
+    z, offs_m, offs_n, mask_m, mask_n, lse_row_ptr, g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr,
+    LOSS: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr,
+):
+    """W_ij = dL/dz_ij for one tile (see the module docstring), zero outside the matrix."""
+    w = tl.zeros(z.shape, dtype=tl.float32)
+    if LOSS == 0:
+        if HAS_ROW_TERM:
+            lse_row = tl.load(lse_row_ptr + offs_m, mask=mask_m, other=0.0)
+            g_row = tl.load(g_row_ptr + offs_m, mask=mask_m, other=0.0)
+            w += g_row[:, None] * tl.exp(z - lse_row[:, None])
+        if HAS_COL_TERM:
+            lse_col = tl.load(lse_col_ptr + offs_n, mask=mask_n, other=0.0)
+            g_col = tl.load(g_col_ptr + offs_n, mask=mask_n, other=0.0)
+            w += g_col[None, :] * tl.exp(z - lse_col[None, :])
+    else:
+        w += tl.load(g_ptr).to(tl.float32) * tl.sigmoid(z)
+    return tl.where(mask_m[:, None] & mask_n[None, :], w, 0.0)
+
+
+@triton.jit
+def _pairwise_grad_kernel(
+    a_ptr, c_ptr, scale_ptr, bias_ptr, grad_a_ptr, partial_ptr,
+    lse_row_ptr, g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr,
+    M, N, D, stride_am, stride_cn, stride_gm, num_blocks_m,
+    LOSS: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    # One program: dA[BLOCK_M rows, BLOCK_DO output dims] = s * sum_j W_ij c_j, recomputing each
+    # z tile over the full D. Grid: (cdiv(M, BLOCK_M), cdiv(D, BLOCK_DO)). Programs with
+    # pid_d == 0 also write the partials of ds and dbeta (partial_ptr[0|1, pid_m]).
+    # Reads BLOCK_M*D + N*(D + BLOCK_DO) elements; writes BLOCK_M*BLOCK_DO (+2 fp32).
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
+                               stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        w = _pairwise_weight(dot * scale + bias, offs_m, offs_n, mask_m, mask_n, lse_row_ptr,
+                             g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr, LOSS, HAS_ROW_TERM,
+                             HAS_COL_TERM)
+        dscale += tl.sum(w * dot, axis=1)
+        dbias += tl.sum(w, axis=1)
+        c = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_do[None, :],
+                    mask=mask_n[:, None] & mask_do[None, :], other=0.0)
+        acc = tl.dot(w.to(c.dtype), c, acc, input_precision=INPUT_PRECISION)
+    grad_a = (acc * scale).to(grad_a_ptr.dtype.element_ty)
+    tl.store(grad_a_ptr + offs_m[:, None] * stride_gm + offs_do[None, :], grad_a,
+             mask=mask_m[:, None] & mask_do[None, :])
+    is_first_d = pid_d == 0
+    tl.store(partial_ptr + pid_m, tl.sum(dscale, axis=0), mask=is_first_d)
+    tl.store(partial_ptr + num_blocks_m + pid_m, tl.sum(dbias, axis=0), mask=is_first_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: allocate, choose blocks, launch. Tensors in, tensors out; no autograd here.
+# ----------------------------------------------------------------------------------------------
+
+
+def _blocks(D: int, interpret: bool) -> dict:
+    """Tile sizes. GPU: 64x64 tiles with 64-wide D steps (tensor-core friendly for bf16/fp16).
+    Interpreter: the smallest legal tiles, since it runs one numpy program at a time."""
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_DO=32, num_warps=4)
+    block_do = min(128, max(16, triton.next_power_of_2(D)))
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=block_do, num_warps=8)
+
+
+def _input_precision(dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _common(a, c, bias):
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    cfg = _blocks(a.shape[1], interpret)
+    dummy = a.new_empty((1,), dtype=a.dtype)  # stands in for bias when there is none
+    return cfg, (bias if bias is not None else dummy), _input_precision(a.dtype)
+
+
+def row_logsumexp_fwd(a, c, scale, bias):
+    """lse [M] fp32 of z = scale * a @ c.T + bias, for a [M, D], c [N, D] (contiguous rows)."""
+    M, D = a.shape
+    cfg, bias_arg, precision = _common(a, c, bias)
+    lse = torch.empty(M, device=a.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    _row_logsumexp_fwd_kernel[grid](
+        a, c, scale, bias_arg, lse, M, c.shape[0], D, a.stride(0), c.stride(0),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+    return lse
+
+
+def softplus_sum_fwd(a, c, scale, bias):
+    """sum_ij softplus(scale * a_i . c_j + bias) as a 0-d fp32 tensor."""
+    M, D = a.shape
+    cfg, bias_arg, precision = _common(a, c, bias)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
+    _softplus_sum_fwd_kernel[grid](
+        a, c, scale, bias_arg, partial, M, c.shape[0], D, a.stride(0), c.stride(0),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+    return partial.sum()
+
+
+def pairwise_grad(a, c, scale, bias, loss, row_term=None, col_term=None, g=None):
+    """dA [M, D] (a's dtype) and the 0-d fp32 partial sums (ds, dbeta) for W of ``loss``.
+
+    row_term / col_term: (lse [M] or [N], upstream grad of lse) for LOSS_LSE, else None.
+    g: 0-d fp32 upstream grad of the softplus sum for LOSS_SIGMOID.
+    """
+    M, D = a.shape
+    cfg, bias_arg, precision = _common(a, c, bias)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    grad_a = torch.empty_like(a)
+    partial = torch.empty((2, grid[0]), device=a.device, dtype=torch.float32)
+    unused = partial  # any fp32 pointer stands in for an absent term; never read
+    lse_row, g_row = row_term if row_term is not None else (unused, unused)
+    lse_col, g_col = col_term if col_term is not None else (unused, unused)
+    _pairwise_grad_kernel[grid](
+        a, c, scale, bias_arg, grad_a, partial, lse_row, g_row, lse_col, g_col,
+        g if g is not None else unused, M, c.shape[0], D, a.stride(0), c.stride(0),
+        grad_a.stride(0), grid[0], LOSS=loss, HAS_ROW_TERM=row_term is not None,
+        HAS_COL_TERM=col_term is not None, HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+    )
+    dscale, dbias = partial.sum(dim=1)
+    return grad_a, dscale, dbias
