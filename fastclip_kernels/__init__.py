@@ -6,14 +6,14 @@
 __version__ = "0.1.0"
 
 from .nn import FastContrastiveLoss, FastSigLipLoss
-from .ops import contrastive_loss, siglip_loss, similarity_logsumexp, similarity_softplus_sum
+from .ops import contrastive_loss, siglip_loss, similarity_cross_entropy, sigmoid_loss_sum
 
 __all__ = [
     "FastContrastiveLoss",
     "FastSigLipLoss",
     "contrastive_loss",
     "siglip_loss",
-    "similarity_logsumexp",
-    "similarity_softplus_sum",
+    "similarity_cross_entropy",
+    "sigmoid_loss_sum",
     "__version__",
 ]

@@ -2,23 +2,17 @@
 
 For local rows x_i, y_i (i < b) and gathered columns X_j, Y_j (j < N), positives at j = o + i:
 
-    L = 1/2 * mean_i [ lse_j(s <x_i, Y_j> + beta) + lse_j(s <y_i, X_j> + beta) ] - mean_i (s <x_i, y_i> + beta)
+    L = 1/2 * mean_i [ CE_i(s x_i . Y^T + beta, o + i) + CE_i(s y_i . X^T + beta, o + i) ]
 
-In a single process (N = b, o = 0) both log-sum-exps come from one matrix: the text->image LSE is the
-column LSE of s X Y^T, so the kernels recompute that matrix once per pass, not twice.
+with CE(z, k) = logsumexp(z) - z_k. In a single process (N = b, o = 0) the text->image terms are the
+columns of the same matrix s X Y^T; the kernels recompute tiles and never store a [b, N] matrix.
+The positive enters inside the kernel, so the gradient's P_ii - 1 cancels in fp32.
 """
 
 import torch
 
 from .._validation import as_scalar_tensor, check_features, check_same_batch, scalar_dtype
-from .pairwise import similarity_logsumexp
-
-
-def positive_logits(image_features, text_features, logit_scale, logit_bias=None):
-    """s * <x_i, y_i> + beta for paired rows [b, D] -> [b], fp32 (fp64 for fp64 inputs)."""
-    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
-    pos = (image_features.to(acc) * text_features.to(acc)).sum(dim=-1) * logit_scale.to(acc)
-    return pos + logit_bias.to(acc) if logit_bias is not None else pos
+from .pairwise import similarity_cross_entropy
 
 
 def contrastive_loss(
@@ -58,16 +52,16 @@ def contrastive_loss(
     check_same_batch("text_features", text_features, "image_features", image_features)
     scale = as_scalar_tensor("logit_scale", logit_scale, device, scalar_dtype(dtype))
     bias = None if logit_bias is None else as_scalar_tensor("logit_bias", logit_bias, device, scalar_dtype(dtype))
-    pos = positive_logits(image_features, text_features, scale, bias)
     if all_image_features is None and all_text_features is None:
         if label_offset != 0:
             raise ValueError("label_offset needs all_image_features and all_text_features")
-        lse_i2t, lse_t2i = similarity_logsumexp(image_features, text_features, scale, bias, backend=backend)
+        ce_i2t, ce_t2i = similarity_cross_entropy(image_features, text_features, scale, bias, backend=backend)
     else:
         _check_gathered(image_features, all_image_features, all_text_features, label_offset)
-        lse_i2t, _ = similarity_logsumexp(image_features, all_text_features, scale, bias, cols=False, backend=backend)
-        lse_t2i, _ = similarity_logsumexp(text_features, all_image_features, scale, bias, cols=False, backend=backend)
-    return 0.5 * (lse_i2t.mean() + lse_t2i.mean()) - pos.mean()
+        kwargs = dict(label_offset=label_offset, cols=False, backend=backend)
+        ce_i2t, _ = similarity_cross_entropy(image_features, all_text_features, scale, bias, **kwargs)
+        ce_t2i, _ = similarity_cross_entropy(text_features, all_image_features, scale, bias, **kwargs)
+    return 0.5 * (ce_i2t.mean() + ce_t2i.mean())
 
 
 def _check_gathered(image_features, all_image_features, all_text_features, label_offset):

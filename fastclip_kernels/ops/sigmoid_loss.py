@@ -2,17 +2,16 @@
 
 With labels y_ij = +1 on the positives (j = o + i) and -1 elsewhere, and z = s X Y^T + beta,
 
-    L = -1/b sum_ij logsigmoid(y_ij z_ij) = 1/b [ sum_ij softplus(z_ij) - sum_i z_{i, o+i} ]
+    L = -1/b sum_ij logsigmoid(y_ij z_ij) = 1/b sum_ij softplus(-y_ij z_ij)
 
-since -logsigmoid(-z) = softplus(z) and -logsigmoid(z) = softplus(z) - z. The O(b*N) part is one
-tiled softplus sum; the positives are an O(b*D) row-wise dot product.
+one tiled sum over the [b, N] pairs; its gradient W_ij = sigmoid(z_ij) - [y_ij = 1] is formed in fp32
+inside the kernel. (torch's F.softplus turns linear above 20, off by exp(-20); ours is exact.)
 """
 
 import torch
 
 from .._validation import as_scalar_tensor, check_features, check_same_batch, scalar_dtype
-from .contrastive_loss import positive_logits
-from .pairwise import similarity_softplus_sum
+from .pairwise import sigmoid_loss_sum
 
 
 def siglip_loss(
@@ -32,8 +31,9 @@ def siglip_loss(
         text_features (torch.Tensor): [b, D]; row i is the positive of image i.
         logit_scale (torch.Tensor | float): 0-d or [1] exponentiated scale s.
         logit_bias (torch.Tensor | float): 0-d or [1] bias beta (SigLIP init: -10).
-        all_text_features (torch.Tensor, optional): [N, D] columns (e.g. other ranks' texts);
-            the positive of image i is column ``label_offset + i``. Default: ``text_features``.
+        all_text_features (torch.Tensor, optional): [N, D] columns (e.g. all ranks' texts); the
+            positive of image i is column ``label_offset + i``, which must be text i. Default:
+            ``text_features``.
         backend: "auto", "triton" or "chunked" (see :func:`contrastive_loss`).
     Returns:
         0-d tensor, fp32 (fp64 for fp64 inputs): sum over all pairs divided by b, as open_clip.
@@ -59,6 +59,5 @@ def siglip_loss(
         columns = all_text_features
     elif label_offset != 0:
         raise ValueError("label_offset needs all_text_features")
-    negatives = similarity_softplus_sum(image_features, columns, scale, bias, backend=backend)
-    positives = positive_logits(image_features, text_features, scale, bias)
-    return (negatives - positives.sum()) / image_features.shape[0]
+    total = sigmoid_loss_sum(image_features, columns, scale, bias, label_offset=label_offset, backend=backend)
+    return total / image_features.shape[0]

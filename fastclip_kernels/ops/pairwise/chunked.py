@@ -33,32 +33,43 @@ def _logits(a_blk, c, scale, bias):
     return dot, (z + bias if bias is not None else z)
 
 
-def logsumexp_fwd(a, c, scale, bias, rows: bool, cols: bool, chunk: int | None = None):
-    """(lse_rows [M] or None, lse_cols [N] or None) of z = scale * a @ c.T + bias."""
+def _positives(z_blk, i0, i1, label_offset):
+    """(rows, cols) index of the positives in a [i1 - i0, N] block: column i + label_offset."""
+    rows = torch.arange(i1 - i0, device=z_blk.device)
+    return rows, rows + i0 + label_offset
+
+
+def _cast(a, c, scale, bias):
     acc = _accum_dtype(a.dtype)
-    a, c = a.to(acc), c.to(acc)
-    scale = scale.to(acc)
-    bias = bias.to(acc) if bias is not None else None
-    lse_rows = a.new_empty(a.shape[0]) if rows else None
+    return a.to(acc), c.to(acc), scale.to(acc), (bias.to(acc) if bias is not None else None)
+
+
+def cross_entropy_fwd(a, c, scale, bias, label_offset: int, cols: bool, chunk: int | None = None):
+    """(lse_rows, ce_rows, lse_cols, ce_cols) of z = scale * a @ c.T + bias (col ones None if not cols).
+
+    ce_rows_i = lse_rows_i - z_{i, i+o}; ce_cols_j = lse_cols_j - z_{j-o, j} (cols needs M == N, o == 0).
+    """
+    a, c, scale, bias = _cast(a, c, scale, bias)
+    lse_rows, z_pos = a.new_empty(a.shape[0]), a.new_empty(a.shape[0])
     lse_cols = a.new_full((c.shape[0],), float("-inf")) if cols else None
     for i0, i1 in _row_chunks(a.shape[0], c.shape[0], chunk):
         _, z = _logits(a[i0:i1], c, scale, bias)
-        if rows:
-            lse_rows[i0:i1] = torch.logsumexp(z, dim=1)
+        lse_rows[i0:i1] = torch.logsumexp(z, dim=1)
+        z_pos[i0:i1] = z[_positives(z, i0, i1, label_offset)]
         if cols:
             lse_cols = torch.logaddexp(lse_cols, torch.logsumexp(z, dim=0))
-    return lse_rows, lse_cols
+    ce_cols = lse_cols - z_pos if cols else None
+    return lse_rows, lse_rows - z_pos, lse_cols, ce_cols
 
 
-def softplus_sum_fwd(a, c, scale, bias, chunk: int | None = None):
-    """sum_ij softplus(z_ij) as a 0-d tensor in the accumulation dtype."""
-    acc = _accum_dtype(a.dtype)
-    a, c = a.to(acc), c.to(acc)
-    scale = scale.to(acc)
-    bias = bias.to(acc) if bias is not None else None
+def sigmoid_loss_fwd(a, c, scale, bias, label_offset: int, chunk: int | None = None):
+    """sum_ij softplus(-y_ij z_ij), y_ij = +1 iff j = i + label_offset, as a 0-d tensor."""
+    a, c, scale, bias = _cast(a, c, scale, bias)
     total = a.new_zeros(())
     for i0, i1 in _row_chunks(a.shape[0], c.shape[0], chunk):
         _, z = _logits(a[i0:i1], c, scale, bias)
+        pos = _positives(z, i0, i1, label_offset)
+        z[pos] = -z[pos]
         total = total + softplus(z).sum()
     return total
 
@@ -68,10 +79,7 @@ def pairwise_bwd(a, c, scale, bias, weight_fn, chunk: int | None = None):
 
     weight_fn gets the [i1 - i0, N] logit block (accumulation dtype) and its row range.
     """
-    acc = _accum_dtype(a.dtype)
-    a32, c32 = a.to(acc), c.to(acc)
-    scale32 = scale.to(acc)
-    bias32 = bias.to(acc) if bias is not None else None
+    a32, c32, scale32, bias32 = _cast(a, c, scale, bias)
     grad_a = torch.empty_like(a32)
     grad_c = torch.zeros_like(c32)
     dscale = a32.new_zeros(())
@@ -87,20 +95,27 @@ def pairwise_bwd(a, c, scale, bias, weight_fn, chunk: int | None = None):
     return grad_a.to(a.dtype), grad_c.to(c.dtype), dscale, dbias
 
 
-def lse_weight(lse_rows, g_rows, lse_cols, g_cols):
-    """weight_fn for sums of row and column log-sum-exps (either may be None)."""
+def cross_entropy_weight(label_offset, lse_rows, g_rows, lse_cols=None, g_cols=None):
+    """weight_fn for sum_i g_rows_i ce_rows_i (+ sum_j g_cols_j ce_cols_j)."""
 
     def weight(z, i0, i1):
-        w = torch.zeros_like(z)
-        if lse_rows is not None:
-            w += g_rows[i0:i1, None].to(z.dtype) * torch.exp(z - lse_rows[i0:i1, None].to(z.dtype))
+        w = g_rows[i0:i1, None].to(z.dtype) * torch.exp(z - lse_rows[i0:i1, None].to(z.dtype))
+        g_pos = g_rows[i0:i1].to(z.dtype)
         if lse_cols is not None:
             w += g_cols[None, :].to(z.dtype) * torch.exp(z - lse_cols[None, :].to(z.dtype))
+            g_pos = g_pos + g_cols[i0 + label_offset:i1 + label_offset].to(z.dtype)
+        w[_positives(z, i0, i1, label_offset)] -= g_pos
         return w
 
     return weight
 
 
-def sigmoid_weight(g):
-    """weight_fn for g * sum_ij softplus(z_ij)."""
-    return lambda z, i0, i1: g.to(z.dtype) * torch.sigmoid(z)
+def sigmoid_weight(label_offset, g):
+    """weight_fn for g * sum_ij softplus(-y_ij z_ij)."""
+
+    def weight(z, i0, i1):
+        w = g.to(z.dtype) * torch.sigmoid(z)
+        w[_positives(z, i0, i1, label_offset)] -= g.to(z.dtype)
+        return w
+
+    return weight

@@ -7,17 +7,22 @@ C [N, D] (columns, e.g. the gathered text features), and the logits
 
 which are recomputed tile by tile and never stored: memory is O((M + N) * D).
 
+Row i's positive (its label) is column i + o (o = ``label_offset``, rank * b in open_clip's
+local loss); ``pos_ij`` below is 1 there and 0 elsewhere. Keeping the positives inside the kernels
+makes the gradient's cancellation P_ii - 1 happen in fp32 before the product with C.
+
 Forward kernels:
-    * ``_row_logsumexp_fwd_kernel``: lse_i = log sum_j exp(z_ij), with an online max (finite for any
-      s and any feature norm). The column LSE is the same kernel with A and C swapped.
-    * ``_softplus_sum_fwd_kernel``: per row block, sum_ij softplus(z_ij) (SigLIP's negatives).
+    * ``_row_cross_entropy_fwd_kernel``: lse_i = log sum_j exp(z_ij) with an online max (finite
+      for any s and feature norm) and ce_i = lse_i - z_{i,i+o}. The column (text->image) cross-
+      entropy is the same kernel with A and C swapped and o -> -o.
+    * ``_sigmoid_loss_fwd_kernel``: per row block, sum_ij softplus(-y_ij z_ij), y = 2 pos - 1.
 
 Backward kernel (shared): for a loss L whose derivative in the logits is W_ij = dL/dz_ij,
     dA = s * W @ C,   dC = s * W^T @ A,   ds = sum_ij W_ij <a_i, c_j>,   dbeta = sum_ij W_ij.
 ``_pairwise_grad_kernel`` computes dA (and per-block partials of ds, dbeta); dC is the same kernel
 with the roles of A and C swapped, since W^T is W of the swapped problem. W is:
-    * LOSS_LSE:     W_ij = g_row_i * exp(z_ij - lse_row_i) + g_col_j * exp(z_ij - lse_col_j)
-    * LOSS_SIGMOID: W_ij = g * sigmoid(z_ij)
+    * LOSS_LSE:     W_ij = g_row_i (exp(z_ij - lse_row_i) - pos_ij) + g_col_j (exp(z_ij - lse_col_j) - pos_ij)
+    * LOSS_SIGMOID: W_ij = g (sigmoid(z_ij) - pos_ij)
 Kernels use the vocabulary in CONTRIBUTING.md (pid_*, offs_*, mask_*, *_ptr, BLOCK_*).
 """
 
@@ -59,14 +64,19 @@ def _softplus(z):
 
 
 @triton.jit
-def _row_logsumexp_fwd_kernel(
-    a_ptr, c_ptr, scale_ptr, bias_ptr, lse_ptr,
-    M, N, D, stride_am, stride_cn,
+def _is_positive(offs_m, offs_n, label_offset):
+    return offs_n[None, :] == offs_m[:, None] + label_offset
+
+
+@triton.jit
+def _row_cross_entropy_fwd_kernel(
+    a_ptr, c_ptr, scale_ptr, bias_ptr, lse_ptr, ce_ptr,
+    M, N, D, stride_am, stride_cn, label_offset,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program: BLOCK_M rows of A against all N rows of C.  Grid: (cdiv(M, BLOCK_M),).
-    # Reads BLOCK_M*D + N*D elements (C tiles hit L2 across programs); writes BLOCK_M fp32.
+    # Reads BLOCK_M*D + N*D elements (C tiles hit L2 across programs); writes 2*BLOCK_M fp32.
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -74,26 +84,30 @@ def _row_logsumexp_fwd_kernel(
     bias = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
                                stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         z = tl.where(mask_n[None, :], dot * scale + bias, float("-inf"))
+        z_pos += tl.sum(tl.where(_is_positive(offs_m, offs_n, label_offset), z, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
+    lse = m_i + tl.log(l_i)
+    tl.store(lse_ptr + offs_m, lse, mask=mask_m)
+    tl.store(ce_ptr + offs_m, lse - z_pos, mask=mask_m)
 
 
 @triton.jit
-def _softplus_sum_fwd_kernel(
+def _sigmoid_loss_fwd_kernel(
     a_ptr, c_ptr, scale_ptr, bias_ptr, partial_ptr,
-    M, N, D, stride_am, stride_cn,
+    M, N, D, stride_am, stride_cn, label_offset,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program: sum of softplus(z_ij) over BLOCK_M rows and all N columns, written to
+    # One program: sum of softplus(-y_ij z_ij) over BLOCK_M rows and all N columns, written to
     # partial_ptr[pid_m] (summed on the host side in fixed order: deterministic, no atomics).
     # Grid: (cdiv(M, BLOCK_M),). Reads BLOCK_M*D + N*D elements; writes 1 fp32.
     pid_m = tl.program_id(0)
@@ -107,29 +121,31 @@ def _softplus_sum_fwd_kernel(
         mask_n = offs_n < N
         dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
                                stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        sp = _softplus(dot * scale + bias)
+        z = dot * scale + bias
+        sp = _softplus(tl.where(_is_positive(offs_m, offs_n, label_offset), -z, z))
         acc += tl.sum(tl.where(mask_m[:, None] & mask_n[None, :], sp, 0.0), axis=1)
     tl.store(partial_ptr + pid_m, tl.sum(acc, axis=0))
 
 
 @triton.jit
 def _pairwise_weight(
-    z, offs_m, offs_n, mask_m, mask_n, lse_row_ptr, g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr,
-    LOSS: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr,
+    z, offs_m, offs_n, mask_m, mask_n, label_offset, lse_row_ptr, g_row_ptr, lse_col_ptr,
+    g_col_ptr, g_ptr, LOSS: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr,
 ):
     """W_ij = dL/dz_ij for one tile (see the module docstring), zero outside the matrix."""
     w = tl.zeros(z.shape, dtype=tl.float32)
+    pos = _is_positive(offs_m, offs_n, label_offset).to(tl.float32)
     if LOSS == 0:
         if HAS_ROW_TERM:
             lse_row = tl.load(lse_row_ptr + offs_m, mask=mask_m, other=0.0)
             g_row = tl.load(g_row_ptr + offs_m, mask=mask_m, other=0.0)
-            w += g_row[:, None] * tl.exp(z - lse_row[:, None])
+            w += g_row[:, None] * (tl.exp(z - lse_row[:, None]) - pos)
         if HAS_COL_TERM:
             lse_col = tl.load(lse_col_ptr + offs_n, mask=mask_n, other=0.0)
             g_col = tl.load(g_col_ptr + offs_n, mask=mask_n, other=0.0)
-            w += g_col[None, :] * tl.exp(z - lse_col[None, :])
+            w += g_col[None, :] * (tl.exp(z - lse_col[None, :]) - pos)
     else:
-        w += tl.load(g_ptr).to(tl.float32) * tl.sigmoid(z)
+        w += tl.load(g_ptr).to(tl.float32) * (tl.sigmoid(z) - pos)
     return tl.where(mask_m[:, None] & mask_n[None, :], w, 0.0)
 
 
@@ -137,7 +153,7 @@ def _pairwise_weight(
 def _pairwise_grad_kernel(
     a_ptr, c_ptr, scale_ptr, bias_ptr, grad_a_ptr, partial_ptr,
     lse_row_ptr, g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr,
-    M, N, D, stride_am, stride_cn, stride_gm, num_blocks_m,
+    M, N, D, stride_am, stride_cn, stride_gm, num_blocks_m, label_offset,
     LOSS: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -162,9 +178,9 @@ def _pairwise_grad_kernel(
         mask_n = offs_n < N
         dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
                                stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        w = _pairwise_weight(dot * scale + bias, offs_m, offs_n, mask_m, mask_n, lse_row_ptr,
-                             g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr, LOSS, HAS_ROW_TERM,
-                             HAS_COL_TERM)
+        w = _pairwise_weight(dot * scale + bias, offs_m, offs_n, mask_m, mask_n, label_offset,
+                             lse_row_ptr, g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr, LOSS,
+                             HAS_ROW_TERM, HAS_COL_TERM)
         dscale += tl.sum(w * dot, axis=1)
         dbias += tl.sum(w, axis=1)
         c = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_do[None, :],
@@ -205,39 +221,40 @@ def _common(a, c, bias):
     return cfg, (bias if bias is not None else dummy), _input_precision(a.dtype)
 
 
-def row_logsumexp_fwd(a, c, scale, bias):
-    """lse [M] fp32 of z = scale * a @ c.T + bias, for a [M, D], c [N, D] (contiguous rows)."""
+def row_cross_entropy_fwd(a, c, scale, bias, label_offset: int):
+    """(lse [M], ce [M]) fp32 of z = scale * a @ c.T + bias; ce_i = lse_i - z_{i, i+label_offset}."""
     M, D = a.shape
     cfg, bias_arg, precision = _common(a, c, bias)
     lse = torch.empty(M, device=a.device, dtype=torch.float32)
+    ce = torch.empty_like(lse)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _row_logsumexp_fwd_kernel[grid](
-        a, c, scale, bias_arg, lse, M, c.shape[0], D, a.stride(0), c.stride(0),
+    _row_cross_entropy_fwd_kernel[grid](
+        a, c, scale, bias_arg, lse, ce, M, c.shape[0], D, a.stride(0), c.stride(0), label_offset,
         HAS_BIAS=bias is not None, INPUT_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
-    return lse
+    return lse, ce
 
 
-def softplus_sum_fwd(a, c, scale, bias):
-    """sum_ij softplus(scale * a_i . c_j + bias) as a 0-d fp32 tensor."""
+def sigmoid_loss_fwd(a, c, scale, bias, label_offset: int):
+    """sum_ij softplus(-y_ij z_ij) as a 0-d fp32 tensor, y_ij = +1 iff j = i + label_offset."""
     M, D = a.shape
     cfg, bias_arg, precision = _common(a, c, bias)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
-    _softplus_sum_fwd_kernel[grid](
-        a, c, scale, bias_arg, partial, M, c.shape[0], D, a.stride(0), c.stride(0),
+    _sigmoid_loss_fwd_kernel[grid](
+        a, c, scale, bias_arg, partial, M, c.shape[0], D, a.stride(0), c.stride(0), label_offset,
         HAS_BIAS=bias is not None, INPUT_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return partial.sum()
 
 
-def pairwise_grad(a, c, scale, bias, loss, row_term=None, col_term=None, g=None):
+def pairwise_grad(a, c, scale, bias, label_offset, loss, row_term=None, col_term=None, g=None):
     """dA [M, D] (a's dtype) and the 0-d fp32 partial sums (ds, dbeta) for W of ``loss``.
 
     row_term / col_term: (lse [M] or [N], upstream grad of lse) for LOSS_LSE, else None.
-    g: 0-d fp32 upstream grad of the softplus sum for LOSS_SIGMOID.
+    g: 0-d fp32 upstream grad of the sigmoid-loss sum for LOSS_SIGMOID.
     """
     M, D = a.shape
     cfg, bias_arg, precision = _common(a, c, bias)
@@ -250,7 +267,7 @@ def pairwise_grad(a, c, scale, bias, loss, row_term=None, col_term=None, g=None)
     _pairwise_grad_kernel[grid](
         a, c, scale, bias_arg, grad_a, partial, lse_row, g_row, lse_col, g_col,
         g if g is not None else unused, M, c.shape[0], D, a.stride(0), c.stride(0),
-        grad_a.stride(0), grid[0], LOSS=loss, HAS_ROW_TERM=row_term is not None,
+        grad_a.stride(0), grid[0], label_offset, LOSS=loss, HAS_ROW_TERM=row_term is not None,
         HAS_COL_TERM=col_term is not None, HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
