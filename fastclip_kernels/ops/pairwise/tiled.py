@@ -64,6 +64,13 @@ def _softplus(z):
 
 
 @triton.jit
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) from exp(-|z|) <= 1, so no exp ever overflows."""
+    t = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+
+
+@triton.jit
 def _is_positive(offs_m, offs_n, label_offset):
     return offs_n[None, :] == offs_m[:, None] + label_offset
 
@@ -145,7 +152,7 @@ def _pairwise_weight(
             g_col = tl.load(g_col_ptr + offs_n, mask=mask_n, other=0.0)
             w += g_col[None, :] * (tl.exp(z - lse_col[None, :]) - pos)
     else:
-        w += tl.load(g_ptr).to(tl.float32) * (tl.sigmoid(z) - pos)
+        w += tl.load(g_ptr).to(tl.float32) * (_sigmoid(z) - pos)
     return tl.where(mask_m[:, None] & mask_n[None, :], w, 0.0)
 
 

@@ -1,0 +1,93 @@
+"""Bad input raises ValueError/TypeError naming the argument, and leaves the inputs untouched."""
+
+import math
+
+import pytest
+import torch
+
+from fastclip_kernels import FastContrastiveLoss, FastSigLipLoss, contrastive_loss, siglip_loss
+from fastclip_kernels.ops.pairwise import resolve_backend, similarity_cross_entropy
+
+X, Y = torch.randn(4, 8), torch.randn(4, 8)
+S = torch.tensor(10.0)
+
+BAD_CALLS = [
+    ("batch mismatch", dict(text_features=torch.randn(5, 8)), ValueError, "text_features has batch 5"),
+    ("dim mismatch", dict(text_features=torch.randn(4, 7)), ValueError, "text_features has feature dim 7"),
+    ("rank 3", dict(image_features=torch.randn(2, 4, 8)), ValueError, "image_features must be 2-D"),
+    ("rank 1", dict(text_features=torch.randn(8)), ValueError, "text_features must be 2-D"),
+    ("dtype mismatch", dict(text_features=torch.randn(4, 8, dtype=torch.float64)), TypeError, "text_features has dtype"),
+    ("int features", dict(image_features=torch.ones(4, 8, dtype=torch.int64)), TypeError, "image_features must be fp16"),
+    ("not a tensor", dict(image_features=[[1.0] * 8] * 4), TypeError, "image_features must be a torch.Tensor"),
+    ("empty batch", dict(image_features=torch.randn(0, 8), text_features=torch.randn(0, 8)), ValueError, "non-empty"),
+    ("nan scale", dict(logit_scale=torch.tensor(float("nan"))), ValueError, "logit_scale must be finite"),
+    ("inf scale float", dict(logit_scale=math.inf), ValueError, "logit_scale must be finite"),
+    ("vector scale", dict(logit_scale=torch.ones(2)), ValueError, "logit_scale must have one element"),
+    ("str scale", dict(logit_scale="10"), TypeError, "logit_scale must be a float"),
+    ("nan bias", dict(logit_bias=torch.tensor(float("inf"))), ValueError, "logit_bias must be finite"),
+]
+
+
+def _call(fn, overrides):
+    args = dict(image_features=X, text_features=Y, logit_scale=S, logit_bias=torch.tensor(-1.0))
+    args.update(overrides)
+    return fn(**args)
+
+
+@pytest.mark.parametrize("fn", [contrastive_loss, siglip_loss], ids=["clip", "siglip"])
+@pytest.mark.parametrize("case,overrides,err,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_names_the_argument(fn, case, overrides, err, match):
+    before = [t.clone() for t in (X, Y, S)]
+    with pytest.raises(err, match=match):
+        _call(fn, overrides)
+    assert all(torch.equal(a, b) for a, b in zip(before, (X, Y, S))), "inputs were modified"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="text_features is on"):
+        contrastive_loss(X.cuda(), Y, S.cuda())
+    with pytest.raises(ValueError, match="logit_scale is on"):
+        contrastive_loss(X.cuda(), Y.cuda(), S)
+
+
+def test_device_mismatch_on_meta_device():
+    """The same check without a GPU: the meta device stands in for a second device."""
+    with pytest.raises(ValueError, match="text_features is on meta"):
+        contrastive_loss(X, Y.to("meta"), S)
+    with pytest.raises(ValueError, match="logit_scale is on meta"):
+        contrastive_loss(X, Y, S.to("meta"))
+
+
+def test_gathered_arguments():
+    all_x, all_y = torch.randn(12, 8), torch.randn(12, 8)
+    with pytest.raises(ValueError, match="label_offset must be an int in \\[0, 8\\]"):
+        contrastive_loss(X, Y, S, all_image_features=all_x, all_text_features=all_y, label_offset=9)
+    with pytest.raises(ValueError, match="pass both"):
+        contrastive_loss(X, Y, S, all_image_features=all_x)
+    with pytest.raises(ValueError, match="all_text_features has batch"):
+        contrastive_loss(X, Y, S, all_image_features=all_x, all_text_features=all_y[:11])
+    with pytest.raises(ValueError, match="label_offset needs"):
+        contrastive_loss(X, Y, S, label_offset=2)
+    with pytest.raises(ValueError, match="label_offset must be"):
+        siglip_loss(X, Y, S, -1.0, all_text_features=all_y, label_offset=-1)
+
+
+def test_backend_and_square_checks():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        contrastive_loss(X, Y, S, backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton' supports"):
+        resolve_backend("triton", X.double())
+    with pytest.raises(ValueError, match="cols=True needs a square problem"):
+        similarity_cross_entropy(X, torch.randn(5, 8), S)
+
+
+def test_module_constructor_arguments():
+    with pytest.raises(ValueError, match="use_horovod"):
+        FastContrastiveLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="use_horovod"):
+        FastSigLipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="rank must be"):
+        FastContrastiveLoss(rank=1, world_size=1)
+    with pytest.raises(NotImplementedError, match="world_size > 1"):
+        FastContrastiveLoss(rank=0, world_size=2)

@@ -1,0 +1,108 @@
+"""siglip_loss / FastSigLipLoss against open_clip's SigLipLoss formula."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import triton_device
+from helpers import assert_close_to_ref, assert_rel_close, grads, leaf
+from test_contrastive_loss import CHUNKED_SHAPES, LOW_PRECISION, TRITON_SHAPES, features
+
+from fastclip_kernels import FastSigLipLoss, siglip_loss
+from fastclip_kernels.ops.pairwise import chunked
+from fastclip_kernels.reference import siglip_loss_ref
+
+
+def loss_and_grads(fn, x, y, scale, bias):
+    inputs = [leaf(x), leaf(y), leaf(scale), leaf(bias)]
+    loss = fn(*inputs)
+    return loss, grads(loss, inputs)
+
+
+def check_against_reference(x, y, scale, bias, backend, floor):
+    ours = loss_and_grads(lambda *a: siglip_loss(*a, backend=backend), x, y, scale, bias)
+    torch_same = loss_and_grads(siglip_loss_ref, x, y, scale.to(x.dtype), bias.to(x.dtype))
+    truth = loss_and_grads(siglip_loss_ref, x.double(), y.double(), scale.double(), bias.double())
+    assert_close_to_ref("loss", ours[0], truth[0], torch_same[0], floor=floor)
+    for name, g, g64, gt in zip(["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], truth[1], torch_same[1]):
+        assert_close_to_ref(name, g, g64, gt, floor=floor)
+
+
+@pytest.mark.parametrize("b,d", CHUNKED_SHAPES)
+def test_chunked_matches_open_clip_formula_fp64(b, d):
+    x, y = features(b, d)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    ours = loss_and_grads(lambda *a: siglip_loss(*a, backend="chunked"), x, y, scale, bias)
+    ref = loss_and_grads(siglip_loss_ref, x, y, scale, bias)
+    assert_rel_close("loss", ours[0], ref[0], 1e-10)
+    for name, g, r in zip(["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], ref[1]):
+        assert_rel_close(name, g, r, 1e-10, 1e-14)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("b,d", CHUNKED_SHAPES)
+def test_chunked_low_precision_tolerance_rule(b, d, dtype):
+    x, y = features(b, d, dtype)
+    check_against_reference(x, y, torch.tensor(10.0), torch.tensor(-10.0), "chunked", floor=1e-5)
+
+
+def test_chunked_fp64_gradcheck_over_several_chunks(monkeypatch):
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 12)
+    x, y = (leaf(t) for t in features(7, 5, normalized=False))
+    scale, bias = leaf(torch.tensor(2.5, dtype=torch.float64)), leaf(torch.tensor(-1.0, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda *a: siglip_loss(*a, backend="chunked"), (x, y, scale, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("b,d", TRITON_SHAPES)
+def test_triton_kernels_tolerance_rule(b, d, dtype):
+    x, y = features(b, d, dtype, device=triton_device())
+    scale, bias = torch.tensor(10.0, device=x.device), torch.tensor(-10.0, device=x.device)
+    check_against_reference(x, y, scale, bias, "triton", floor=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the Triton interpreter; GPU only")
+def test_triton_bf16_on_gpu():
+    x, y = features(257, 768, torch.bfloat16, device="cuda")
+    s, b = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+    check_against_reference(x, y, s, b, "triton", floor=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_gathered_columns_with_label_offset(backend):
+    device = "cpu" if backend == "chunked" else triton_device()
+    dtype = torch.float64 if backend == "chunked" else torch.float32
+    all_x, all_y = features(20, 24, dtype, device=device)
+    offset, b = 15, 5
+    x, y = all_x[offset:offset + b], all_y[offset:offset + b]
+    s, bias = torch.tensor(10.0, device=device, dtype=dtype), torch.tensor(-5.0, device=device, dtype=dtype)
+    ours = siglip_loss(x, y, s, bias, all_text_features=all_y, label_offset=offset, backend=backend)
+    ref = siglip_loss_ref(x.double(), all_y.double(), s.double(), bias.double(), label_offset=offset)
+    assert_rel_close("loss", ours, ref, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_large_logits_stay_finite(backend):
+    device = "cpu" if backend == "chunked" else triton_device()
+    x = 3.0 * F.normalize(torch.randn(9, 24), dim=-1).to(device)
+    s, bias = torch.tensor(100.0, device=device), torch.tensor(-10.0, device=device)
+    loss, gs = loss_and_grads(lambda *a: siglip_loss(*a, backend=backend), x, -x, s, bias)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in gs)
+    ref = siglip_loss_ref(x.double(), -x.double(), s.double(), bias.double())
+    assert_rel_close("loss", loss, ref, 1e-5)
+
+
+def test_softplus_is_exact_where_torch_softplus_is_not():
+    """The math wins: softplus(25) = 25 + log1p(exp(-25)); torch's threshold=20 returns 25."""
+    z = torch.tensor([25.0, 40.0, -30.0, 0.5], dtype=torch.float64)
+    exact = torch.log1p(torch.exp(-z.abs())) + z.clamp(min=0)
+    assert torch.equal(chunked.softplus(z), exact)
+    assert (F.softplus(z) - exact).abs().max() > 1e-12  # the source we do not follow here
+
+
+def test_module_output_dict_and_missing_bias():
+    x, y = features(4, 16, torch.float32)
+    loss_fn = FastSigLipLoss(cache_labels=True, dist_impl="bidir")
+    out = loss_fn(x, y, torch.tensor(10.0), torch.tensor(-10.0), output_dict=True)
+    assert torch.equal(out["contrastive_loss"], siglip_loss(x, y, 10.0, -10.0))
+    with pytest.raises(ValueError, match="logit_bias"):
+        loss_fn(x, y, torch.tensor(10.0))
