@@ -1,0 +1,36 @@
+"""Benchmark session: collects result rows and, with FASTCLIP_BENCH_SAVE=1, writes them to
+benchmarks/results/<machine>.csv (then `python benchmarks/report.py` regenerates the README table)."""
+
+import csv
+import os
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from harness import machine  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+@pytest.fixture
+def record():
+    def add(**row):
+        ROWS.append({**row, **machine()})
+    return add
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ROWS or os.environ.get("FASTCLIP_BENCH_SAVE") != "1":
+        return
+    tag = ROWS[0]["gpu"] if ROWS[0]["gpu"] != "none" else "cpu"
+    path = pathlib.Path(__file__).parent / "results" / f"{tag.replace(' ', '_')}.csv"
+    fields = list(ROWS[0])
+    existing = list(csv.DictReader(path.open())) if path.exists() else []
+    keep = [r for r in existing if (r["bench"], r["shape"]) not in {(x["bench"], x["shape"]) for x in ROWS}]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(keep + ROWS)
