@@ -30,9 +30,13 @@ def _loss_fn(provider, b, n):
         return lambda x, y, X, Y, s: contrastive_loss(x, y, s, all_image_features=X, all_text_features=Y)
     if provider == "inf_cl":
         from inf_cl import cal_inf_loss  # single-process flash loss when torch.distributed is idle
+
         return lambda x, y, X, Y, s: 0.5 * (cal_inf_loss(x, Y, scale=s) + cal_inf_loss(y, X, scale=s))
-    ref = (lambda x, y, X, Y, s: clip_loss_ref(x, y, s)) if b == n else (
-        lambda x, y, X, Y, s: clip_loss_local_ref(x, y, X, Y, s, 0))
+    ref = (
+        (lambda x, y, X, Y, s: clip_loss_ref(x, y, s))
+        if b == n
+        else (lambda x, y, X, Y, s: clip_loss_local_ref(x, y, X, Y, s, 0))
+    )
     return torch.compile(ref) if provider == "compiled" else ref
 
 

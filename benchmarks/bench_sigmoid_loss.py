@@ -21,6 +21,7 @@ def make_case(provider, b, n, d, dtype, mode, dev):
     s = torch.tensor(10.0, device=dev, requires_grad=grad)
     bias = torch.tensor(-10.0, device=dev, requires_grad=grad)
     if provider == "fastclip":
+
         def loss_fn(x, Y, s, bias):
             return siglip_loss(x, Y[:b], s, bias, all_text_features=Y)
     else:

@@ -19,6 +19,7 @@ ROWS: list[dict] = []
 def record():
     def add(**row):
         ROWS.append({**row, **machine()})
+
     return add
 
 

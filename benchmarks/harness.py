@@ -29,18 +29,29 @@ def sync() -> None:
 def machine() -> dict:
     """Machine, versions and commit for a result row."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__)).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
     except OSError:
         sha = ""
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "triton": triton_version, "commit": sha}
+    return {
+        "gpu": gpu,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": sha,
+    }
 
 
 def clip_loss_flops(b: int, n: int, d: int, mode: str) -> int:
@@ -51,11 +62,13 @@ def clip_loss_flops(b: int, n: int, d: int, mode: str) -> int:
 
 def fwd_bwd_callable(loss_fn, inputs, mode: str):
     """A callable running the loss forward (and backward) once, synchronized."""
+
     def run():
         loss = loss_fn(*inputs)
         if mode == "fwd+bwd":
             loss.backward()
         sync()
+
     return run
 
 
@@ -86,7 +99,9 @@ def cpu_peak_bytes(make_case, *args) -> int:
 
 
 def peak_bytes(make_case, *args) -> int:
-    return cuda_peak_bytes(make_case(*args)) if torch.cuda.is_available() else cpu_peak_bytes(make_case, *args)
+    return (
+        cuda_peak_bytes(make_case(*args)) if torch.cuda.is_available() else cpu_peak_bytes(make_case, *args)
+    )
 
 
 def run_loss_benchmark(benchmark, record, bench, make_case, provider, shape, dtype, mode, rounds):

@@ -1,12 +1,12 @@
 """fastclip_kernels: fast, memory-lean kernels for CLIP training.
 
-    from fastclip_kernels import FastContrastiveLoss   # drop-in for open_clip's ClipLoss
+from fastclip_kernels import FastContrastiveLoss   # drop-in for open_clip's ClipLoss
 """
 
 __version__ = "0.1.0"
 
 from .nn import FastContrastiveLoss, FastSigLipLoss
-from .ops import contrastive_loss, siglip_loss, similarity_cross_entropy, sigmoid_loss_sum
+from .ops import contrastive_loss, siglip_loss, sigmoid_loss_sum, similarity_cross_entropy
 
 __all__ = [
     "FastContrastiveLoss",

@@ -13,7 +13,9 @@ from .ops.sigmoid_loss import siglip_loss
 
 def _check_parallel_args(rank: int, world_size: int, use_horovod: bool) -> None:
     if use_horovod:
-        raise ValueError("use_horovod=True is not supported (open_clip removed Horovod too); use torch.distributed")
+        raise ValueError(
+            "use_horovod=True is not supported (open_clip removed Horovod too); use torch.distributed"
+        )
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -36,8 +38,17 @@ class FastContrastiveLoss(nn.Module):
     output_dict=False) -> 0-d loss, or {"contrastive_loss": loss}.
     """
 
-    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0,
-                 world_size=1, use_horovod=False, *, backend: str = "auto"):
+    def __init__(
+        self,
+        local_loss=False,
+        gather_with_grad=False,
+        cache_labels=False,
+        rank=0,
+        world_size=1,
+        use_horovod=False,
+        *,
+        backend: str = "auto",
+    ):
         super().__init__()
         _check_parallel_args(rank, world_size, use_horovod)
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
@@ -56,8 +67,17 @@ class FastSigLipLoss(nn.Module):
     output_dict=False) -> 0-d loss, or {"contrastive_loss": loss}.
     """
 
-    def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None, bidir=True,
-                 use_horovod=False, *, backend: str = "auto"):
+    def __init__(
+        self,
+        cache_labels=False,
+        rank=0,
+        world_size=1,
+        dist_impl=None,
+        bidir=True,
+        use_horovod=False,
+        *,
+        backend: str = "auto",
+    ):
         super().__init__()
         _check_parallel_args(rank, world_size, use_horovod)
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size

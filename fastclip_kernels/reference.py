@@ -22,8 +22,15 @@ def clip_loss_ref(image_features, text_features, logit_scale, logit_bias=None):
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def clip_loss_local_ref(image_features, text_features, all_image_features, all_text_features,
-                        logit_scale, label_offset, logit_bias=None):
+def clip_loss_local_ref(
+    image_features,
+    text_features,
+    all_image_features,
+    all_text_features,
+    logit_scale,
+    label_offset,
+    logit_bias=None,
+):
     """open_clip ClipLoss with local_loss=True: local rows [b, D] against gathered [N, D].
 
     The positive of local row i is gathered column ``label_offset + i``.

@@ -44,8 +44,12 @@ def _ptxas_report(ptx: str) -> dict:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"],
-                             capture_output=True, text=True, check=True).stderr
+        out = subprocess.run(
+            [get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", out)]
     return {"spill_bytes": sum(spills), "registers": max(regs)}
@@ -55,9 +59,15 @@ def compile_one(kernel, dtype, constexprs, num_warps):
     names = kernel.arg_names
     src = ASTSource(fn=kernel, signature=_signature(names, DTYPES[dtype], constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
-    return {"kernel": kernel.__name__, "dtype": dtype, **{k: v for k, v in constexprs.items() if k != "INPUT_PRECISION"},
-            "precision": constexprs["INPUT_PRECISION"], "wgmma": "wgmma" in compiled.asm["ptx"],
-            "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"])}
+    return {
+        "kernel": kernel.__name__,
+        "dtype": dtype,
+        **{k: v for k, v in constexprs.items() if k != "INPUT_PRECISION"},
+        "precision": constexprs["INPUT_PRECISION"],
+        "wgmma": "wgmma" in compiled.asm["ptx"],
+        "shared_bytes": compiled.metadata.shared,
+        **_ptxas_report(compiled.asm["ptx"]),
+    }
 
 
 def configurations():

@@ -17,8 +17,10 @@ def assert_close_to_ref(name: str, out, ref64, ref_same_dtype, factor: float = 2
     torch_err = (ref_same_dtype - ref64).abs().max().item()
     scale = 1.0 + ref64.abs().max().item()
     bound = factor * torch_err + floor * scale
-    msg = (f"{name}: kernel max err {err.max().item():.3e} (mean {err.mean().item():.3e}), "
-           f"torch same-dtype max err {torch_err:.3e}, bound {bound:.3e}")
+    msg = (
+        f"{name}: kernel max err {err.max().item():.3e} (mean {err.mean().item():.3e}), "
+        f"torch same-dtype max err {torch_err:.3e}, bound {bound:.3e}"
+    )
     assert err.max().item() <= bound, msg
 
 

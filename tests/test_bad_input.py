@@ -16,10 +16,30 @@ BAD_CALLS = [
     ("dim mismatch", dict(text_features=torch.randn(4, 7)), ValueError, "text_features has feature dim 7"),
     ("rank 3", dict(image_features=torch.randn(2, 4, 8)), ValueError, "image_features must be 2-D"),
     ("rank 1", dict(text_features=torch.randn(8)), ValueError, "text_features must be 2-D"),
-    ("dtype mismatch", dict(text_features=torch.randn(4, 8, dtype=torch.float64)), TypeError, "text_features has dtype"),
-    ("int features", dict(image_features=torch.ones(4, 8, dtype=torch.int64)), TypeError, "image_features must be fp16"),
-    ("not a tensor", dict(image_features=[[1.0] * 8] * 4), TypeError, "image_features must be a torch.Tensor"),
-    ("empty batch", dict(image_features=torch.randn(0, 8), text_features=torch.randn(0, 8)), ValueError, "non-empty"),
+    (
+        "dtype mismatch",
+        dict(text_features=torch.randn(4, 8, dtype=torch.float64)),
+        TypeError,
+        "text_features has dtype",
+    ),
+    (
+        "int features",
+        dict(image_features=torch.ones(4, 8, dtype=torch.int64)),
+        TypeError,
+        "image_features must be fp16",
+    ),
+    (
+        "not a tensor",
+        dict(image_features=[[1.0] * 8] * 4),
+        TypeError,
+        "image_features must be a torch.Tensor",
+    ),
+    (
+        "empty batch",
+        dict(image_features=torch.randn(0, 8), text_features=torch.randn(0, 8)),
+        ValueError,
+        "non-empty",
+    ),
     ("nan scale", dict(logit_scale=torch.tensor(float("nan"))), ValueError, "logit_scale must be finite"),
     ("inf scale float", dict(logit_scale=math.inf), ValueError, "logit_scale must be finite"),
     ("vector scale", dict(logit_scale=torch.ones(2)), ValueError, "logit_scale must have one element"),
@@ -40,7 +60,7 @@ def test_bad_input_names_the_argument(fn, case, overrides, err, match):
     before = [t.clone() for t in (X, Y, S)]
     with pytest.raises(err, match=match):
         _call(fn, overrides)
-    assert all(torch.equal(a, b) for a, b in zip(before, (X, Y, S))), "inputs were modified"
+    assert all(torch.equal(a, b) for a, b in zip(before, (X, Y, S), strict=True)), "inputs were modified"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")

@@ -23,7 +23,9 @@ def check_against_reference(x, y, scale, bias, backend, floor):
     torch_same = loss_and_grads(siglip_loss_ref, x, y, scale.to(x.dtype), bias.to(x.dtype))
     truth = loss_and_grads(siglip_loss_ref, x.double(), y.double(), scale.double(), bias.double())
     assert_close_to_ref("loss", ours[0], truth[0], torch_same[0], floor=floor)
-    for name, g, g64, gt in zip(["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], truth[1], torch_same[1]):
+    for name, g, g64, gt in zip(
+        ["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], truth[1], torch_same[1], strict=True
+    ):
         assert_close_to_ref(name, g, g64, gt, floor=floor)
 
 
@@ -34,7 +36,9 @@ def test_chunked_matches_open_clip_formula_fp64(b, d):
     ours = loss_and_grads(lambda *a: siglip_loss(*a, backend="chunked"), x, y, scale, bias)
     ref = loss_and_grads(siglip_loss_ref, x, y, scale, bias)
     assert_rel_close("loss", ours[0], ref[0], 1e-10)
-    for name, g, r in zip(["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], ref[1]):
+    for name, g, r in zip(
+        ["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], ref[1], strict=True
+    ):
         assert_rel_close(name, g, r, 1e-10, 1e-14)
 
 
@@ -60,7 +64,9 @@ def test_triton_kernels_tolerance_rule(b, d, dtype):
     check_against_reference(x, y, scale, bias, "triton", floor=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the Triton interpreter; GPU only")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the Triton interpreter; GPU only"
+)
 def test_triton_bf16_on_gpu():
     x, y = features(257, 768, torch.bfloat16, device="cuda")
     s, b = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
@@ -73,7 +79,7 @@ def test_gathered_columns_with_label_offset(backend):
     dtype = torch.float64 if backend == "chunked" else torch.float32
     all_x, all_y = features(20, 24, dtype, device=device)
     offset, b = 15, 5
-    x, y = all_x[offset:offset + b], all_y[offset:offset + b]
+    x, y = all_x[offset : offset + b], all_y[offset : offset + b]
     s, bias = torch.tensor(10.0, device=device, dtype=dtype), torch.tensor(-5.0, device=device, dtype=dtype)
     ours = siglip_loss(x, y, s, bias, all_text_features=all_y, label_offset=offset, backend=backend)
     ref = siglip_loss_ref(x.double(), all_y.double(), s.double(), bias.double(), label_offset=offset)

@@ -51,7 +51,11 @@ def contrastive_loss(
     check_features("text_features", text_features, dim, device, dtype)
     check_same_batch("text_features", text_features, "image_features", image_features)
     scale = as_scalar_tensor("logit_scale", logit_scale, device, scalar_dtype(dtype))
-    bias = None if logit_bias is None else as_scalar_tensor("logit_bias", logit_bias, device, scalar_dtype(dtype))
+    bias = (
+        None
+        if logit_bias is None
+        else as_scalar_tensor("logit_bias", logit_bias, device, scalar_dtype(dtype))
+    )
     if all_image_features is None and all_text_features is None:
         if label_offset != 0:
             raise ValueError("label_offset needs all_image_features and all_text_features")
@@ -73,4 +77,6 @@ def _check_gathered(image_features, all_image_features, all_text_features, label
     check_same_batch("all_text_features", all_text_features, "all_image_features", all_image_features)
     b, n = image_features.shape[0], all_image_features.shape[0]
     if not isinstance(label_offset, int) or not 0 <= label_offset <= n - b:
-        raise ValueError(f"label_offset must be an int in [0, {n - b}] for b={b}, N={n}; got {label_offset!r}")
+        raise ValueError(
+            f"label_offset must be an int in [0, {n - b}] for b={b}, N={n}; got {label_offset!r}"
+        )

@@ -73,9 +73,13 @@ class SimilarityCrossEntropyFunction(torch.autograd.Function):
             tiled = _tiled()
             lse_rows, ce_rows = tiled.row_cross_entropy_fwd(a, c, scale, bias, label_offset)
             # Column j's cross-entropy is row j's of the transposed problem (offset negated).
-            lse_cols, ce_cols = tiled.row_cross_entropy_fwd(c, a, scale, bias, -label_offset) if cols else (None, None)
+            lse_cols, ce_cols = (
+                tiled.row_cross_entropy_fwd(c, a, scale, bias, -label_offset) if cols else (None, None)
+            )
         else:
-            lse_rows, ce_rows, lse_cols, ce_cols = chunked.cross_entropy_fwd(a, c, scale, bias, label_offset, cols)
+            lse_rows, ce_rows, lse_cols, ce_cols = chunked.cross_entropy_fwd(
+                a, c, scale, bias, label_offset, cols
+            )
         if not cols:
             lse_cols = ce_cols = lse_rows.new_empty(0)
         ctx.save_for_backward(a, c, scale, bias, lse_rows, lse_cols)
@@ -90,7 +94,9 @@ class SimilarityCrossEntropyFunction(torch.autograd.Function):
         col_term = (lse_cols, g_cols.contiguous()) if ctx.cols else None
         if ctx.backend == "triton":
             tiled = _tiled()
-            grad_a, ds, db = tiled.pairwise_grad(a, c, scale, bias, offset, tiled.LOSS_LSE, row_term, col_term)
+            grad_a, ds, db = tiled.pairwise_grad(
+                a, c, scale, bias, offset, tiled.LOSS_LSE, row_term, col_term
+            )
             # dC is dA of the transposed problem: rows and columns swap roles.
             grad_c, _, _ = tiled.pairwise_grad(c, a, scale, bias, -offset, tiled.LOSS_LSE, col_term, row_term)
         else:
@@ -123,11 +129,15 @@ class SigmoidLossFunction(torch.autograd.Function):
             grad_a, ds, db = tiled.pairwise_grad(a, c, scale, bias, offset, tiled.LOSS_SIGMOID, g=g)
             grad_c, _, _ = tiled.pairwise_grad(c, a, scale, bias, -offset, tiled.LOSS_SIGMOID, g=g)
         else:
-            grad_a, grad_c, ds, db = chunked.pairwise_bwd(a, c, scale, bias, chunked.sigmoid_weight(offset, g))
+            grad_a, grad_c, ds, db = chunked.pairwise_bwd(
+                a, c, scale, bias, chunked.sigmoid_weight(offset, g)
+            )
         return grad_a, grad_c, _grad_like(ds, scale), _grad_like(db, bias), None, None
 
 
-def similarity_cross_entropy(a, c, logit_scale, logit_bias=None, *, label_offset=0, cols=True, backend="auto"):
+def similarity_cross_entropy(
+    a, c, logit_scale, logit_bias=None, *, label_offset=0, cols=True, backend="auto"
+):
     """Per-row (and per-column) cross-entropy of the logits, without materializing them.
 
     Args:

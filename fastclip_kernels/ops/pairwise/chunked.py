@@ -103,7 +103,7 @@ def cross_entropy_weight(label_offset, lse_rows, g_rows, lse_cols=None, g_cols=N
         g_pos = g_rows[i0:i1].to(z.dtype)
         if lse_cols is not None:
             w += g_cols[None, :].to(z.dtype) * torch.exp(z - lse_cols[None, :].to(z.dtype))
-            g_pos = g_pos + g_cols[i0 + label_offset:i1 + label_offset].to(z.dtype)
+            g_pos = g_pos + g_cols[i0 + label_offset : i1 + label_offset].to(z.dtype)
         w[_positives(z, i0, i1, label_offset)] -= g_pos
         return w
 

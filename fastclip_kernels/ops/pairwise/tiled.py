@@ -38,8 +38,18 @@ LOSS_SIGMOID = 1
 
 @triton.jit
 def _similarity_tile(
-    a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr,
+    c_ptr,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    D,
+    stride_am,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """<a_i, c_j> for one [BLOCK_M, BLOCK_N] tile, fp32 accumulation over D in BLOCK_D steps."""
@@ -47,10 +57,16 @@ def _similarity_tile(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        c = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        c = tl.load(
+            c_ptr + offs_n[:, None] * stride_cn + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a, tl.trans(c), acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -77,10 +93,23 @@ def _is_positive(offs_m, offs_n, label_offset):
 
 @triton.jit
 def _row_cross_entropy_fwd_kernel(
-    a_ptr, c_ptr, scale_ptr, bias_ptr, lse_ptr, ce_ptr,
-    M, N, D, stride_am, stride_cn, label_offset,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr,
+    c_ptr,
+    scale_ptr,
+    bias_ptr,
+    lse_ptr,
+    ce_ptr,
+    M,
+    N,
+    D,
+    stride_am,
+    stride_cn,
+    label_offset,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # One program: BLOCK_M rows of A against all N rows of C.  Grid: (cdiv(M, BLOCK_M),).
     # Reads BLOCK_M*D + N*D elements (C tiles hit L2 across programs); writes 2*BLOCK_M fp32.
@@ -95,8 +124,21 @@ def _row_cross_entropy_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
-                               stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        dot = _similarity_tile(
+            a_ptr,
+            c_ptr,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            D,
+            stride_am,
+            stride_cn,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            INPUT_PRECISION,
+        )
         z = tl.where(mask_n[None, :], dot * scale + bias, float("-inf"))
         z_pos += tl.sum(tl.where(_is_positive(offs_m, offs_n, label_offset), z, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -109,10 +151,22 @@ def _row_cross_entropy_fwd_kernel(
 
 @triton.jit
 def _sigmoid_loss_fwd_kernel(
-    a_ptr, c_ptr, scale_ptr, bias_ptr, partial_ptr,
-    M, N, D, stride_am, stride_cn, label_offset,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr,
+    c_ptr,
+    scale_ptr,
+    bias_ptr,
+    partial_ptr,
+    M,
+    N,
+    D,
+    stride_am,
+    stride_cn,
+    label_offset,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # One program: sum of softplus(-y_ij z_ij) over BLOCK_M rows and all N columns, written to
     # partial_ptr[pid_m] (summed on the host side in fixed order: deterministic, no atomics).
@@ -126,8 +180,21 @@ def _sigmoid_loss_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
-                               stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+        dot = _similarity_tile(
+            a_ptr,
+            c_ptr,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            D,
+            stride_am,
+            stride_cn,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            INPUT_PRECISION,
+        )
         z = dot * scale + bias
         sp = _softplus(tl.where(_is_positive(offs_m, offs_n, label_offset), -z, z))
         acc += tl.sum(tl.where(mask_m[:, None] & mask_n[None, :], sp, 0.0), axis=1)
@@ -136,8 +203,20 @@ def _sigmoid_loss_fwd_kernel(
 
 @triton.jit
 def _pairwise_weight(
-    z, offs_m, offs_n, mask_m, mask_n, label_offset, lse_row_ptr, g_row_ptr, lse_col_ptr,
-    g_col_ptr, g_ptr, LOSS: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr,
+    z,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    label_offset,
+    lse_row_ptr,
+    g_row_ptr,
+    lse_col_ptr,
+    g_col_ptr,
+    g_ptr,
+    LOSS: tl.constexpr,
+    HAS_ROW_TERM: tl.constexpr,
+    HAS_COL_TERM: tl.constexpr,
 ):
     """W_ij = dL/dz_ij for one tile (see the module docstring), zero outside the matrix."""
     w = tl.zeros(z.shape, dtype=tl.float32)
@@ -158,12 +237,34 @@ def _pairwise_weight(
 
 @triton.jit
 def _pairwise_grad_kernel(
-    a_ptr, c_ptr, scale_ptr, bias_ptr, grad_a_ptr, partial_ptr,
-    lse_row_ptr, g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr,
-    M, N, D, stride_am, stride_cn, stride_gm, num_blocks_m, label_offset,
-    LOSS: tl.constexpr, HAS_ROW_TERM: tl.constexpr, HAS_COL_TERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    a_ptr,
+    c_ptr,
+    scale_ptr,
+    bias_ptr,
+    grad_a_ptr,
+    partial_ptr,
+    lse_row_ptr,
+    g_row_ptr,
+    lse_col_ptr,
+    g_col_ptr,
+    g_ptr,
+    M,
+    N,
+    D,
+    stride_am,
+    stride_cn,
+    stride_gm,
+    num_blocks_m,
+    label_offset,
+    LOSS: tl.constexpr,
+    HAS_ROW_TERM: tl.constexpr,
+    HAS_COL_TERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):
     # One program: dA[BLOCK_M rows, BLOCK_DO output dims] = s * sum_j W_ij c_j, recomputing each
     # z tile over the full D. Grid: (cdiv(M, BLOCK_M), cdiv(D, BLOCK_DO)). Programs with
@@ -183,19 +284,51 @@ def _pairwise_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        dot = _similarity_tile(a_ptr, c_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_am,
-                               stride_cn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        w = _pairwise_weight(dot * scale + bias, offs_m, offs_n, mask_m, mask_n, label_offset,
-                             lse_row_ptr, g_row_ptr, lse_col_ptr, g_col_ptr, g_ptr, LOSS,
-                             HAS_ROW_TERM, HAS_COL_TERM)
+        dot = _similarity_tile(
+            a_ptr,
+            c_ptr,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            D,
+            stride_am,
+            stride_cn,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            INPUT_PRECISION,
+        )
+        w = _pairwise_weight(
+            dot * scale + bias,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            label_offset,
+            lse_row_ptr,
+            g_row_ptr,
+            lse_col_ptr,
+            g_col_ptr,
+            g_ptr,
+            LOSS,
+            HAS_ROW_TERM,
+            HAS_COL_TERM,
+        )
         dscale += tl.sum(w * dot, axis=1)
         dbias += tl.sum(w, axis=1)
-        c = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_do[None, :],
-                    mask=mask_n[:, None] & mask_do[None, :], other=0.0)
+        c = tl.load(
+            c_ptr + offs_n[:, None] * stride_cn + offs_do[None, :],
+            mask=mask_n[:, None] & mask_do[None, :],
+            other=0.0,
+        )
         acc = tl.dot(w.to(c.dtype), c, acc, input_precision=INPUT_PRECISION)
     grad_a = (acc * scale).to(grad_a_ptr.dtype.element_ty)
-    tl.store(grad_a_ptr + offs_m[:, None] * stride_gm + offs_do[None, :], grad_a,
-             mask=mask_m[:, None] & mask_do[None, :])
+    tl.store(
+        grad_a_ptr + offs_m[:, None] * stride_gm + offs_do[None, :],
+        grad_a,
+        mask=mask_m[:, None] & mask_do[None, :],
+    )
     is_first_d = pid_d == 0
     tl.store(partial_ptr + pid_m, tl.sum(dscale, axis=0), mask=is_first_d)
     tl.store(partial_ptr + num_blocks_m + pid_m, tl.sum(dbias, axis=0), mask=is_first_d)
@@ -236,9 +369,24 @@ def row_cross_entropy_fwd(a, c, scale, bias, label_offset: int):
     ce = torch.empty_like(lse)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     _row_cross_entropy_fwd_kernel[grid](
-        a, c, scale, bias_arg, lse, ce, M, c.shape[0], D, a.stride(0), c.stride(0), label_offset,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        a,
+        c,
+        scale,
+        bias_arg,
+        lse,
+        ce,
+        M,
+        c.shape[0],
+        D,
+        a.stride(0),
+        c.stride(0),
+        label_offset,
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=precision,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )
     return lse, ce
 
@@ -250,9 +398,23 @@ def sigmoid_loss_fwd(a, c, scale, bias, label_offset: int):
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
     _sigmoid_loss_fwd_kernel[grid](
-        a, c, scale, bias_arg, partial, M, c.shape[0], D, a.stride(0), c.stride(0), label_offset,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        a,
+        c,
+        scale,
+        bias_arg,
+        partial,
+        M,
+        c.shape[0],
+        D,
+        a.stride(0),
+        c.stride(0),
+        label_offset,
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=precision,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )
     return partial.sum()
 
@@ -272,12 +434,35 @@ def pairwise_grad(a, c, scale, bias, label_offset, loss, row_term=None, col_term
     lse_row, g_row = row_term if row_term is not None else (unused, unused)
     lse_col, g_col = col_term if col_term is not None else (unused, unused)
     _pairwise_grad_kernel[grid](
-        a, c, scale, bias_arg, grad_a, partial, lse_row, g_row, lse_col, g_col,
-        g if g is not None else unused, M, c.shape[0], D, a.stride(0), c.stride(0),
-        grad_a.stride(0), grid[0], label_offset, LOSS=loss, HAS_ROW_TERM=row_term is not None,
-        HAS_COL_TERM=col_term is not None, HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+        a,
+        c,
+        scale,
+        bias_arg,
+        grad_a,
+        partial,
+        lse_row,
+        g_row,
+        lse_col,
+        g_col,
+        g if g is not None else unused,
+        M,
+        c.shape[0],
+        D,
+        a.stride(0),
+        c.stride(0),
+        grad_a.stride(0),
+        grid[0],
+        label_offset,
+        LOSS=loss,
+        HAS_ROW_TERM=row_term is not None,
+        HAS_COL_TERM=col_term is not None,
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=precision,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_DO=cfg["BLOCK_DO"],
+        num_warps=cfg["num_warps"],
     )
     dscale, dbias = partial.sum(dim=1)
     return grad_a, dscale, dbias

@@ -1,0 +1,53 @@
+"""Regenerate the README benchmark table from benchmarks/results/*.csv (never typed by hand).
+
+python benchmarks/report.py          # rewrites the block between the BENCHMARKS markers
+"""
+
+import csv
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+
+
+def _ratio(num: str, den: str) -> str:
+    try:
+        return f"{float(num) / float(den):.2f}x"
+    except (ValueError, ZeroDivisionError):
+        return "n/a"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| bench | shape | mode | provider | median ms | peak GiB | TFLOP/s | time vs materialized "
+        "| memory vs materialized | machine |",
+        "|" + "---|" * 10,
+    ]
+    base = {(r["bench"], r["shape"], r["mode"]): r for r in rows if r["provider"] == "materialized"}
+    for r in rows:
+        ref = base.get((r["bench"], r["shape"], r["mode"]), {})
+        machine = (
+            f"{r['gpu'] if r['gpu'] != 'none' else r['cpu'] + ' x' + r['threads'] + ' threads'}, "
+            f"torch {r['torch']}, triton {r['triton']}, {r['commit']}"
+        )
+        lines.append(
+            f"| {r['bench']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['median_ms']} | "
+            f"{r['peak_gib']} | {r['tflops']} | {_ratio(r['median_ms'], ref.get('median_ms', ''))} | "
+            f"{_ratio(r['peak_gib'], ref.get('peak_gib', ''))} | {machine} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    rows = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.csv")):
+        rows += list(csv.DictReader(path.open()))
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table(rows)}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()

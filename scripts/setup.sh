@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs what the tests and benchmarks need on a fresh machine, then this package (editable).
+# torch is pinned to the 2.13.0 CPU wheel: a looser spec would pull several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q triton pytest pytest-benchmark hypothesis ruff
+python -m pip install -q -e .
