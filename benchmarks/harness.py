@@ -2,7 +2,7 @@
 
 GPU: pytest-benchmark times a callable that ends with torch.cuda.synchronize(); peak memory from
 torch.cuda.max_memory_allocated. CPU: torch has no allocator statistics, so peak memory is measured
-in a fresh spawned process as the growth of its peak resident set (ru_maxrss) over the inputs.
+in a fresh spawned process as the growth of its peak resident set (VmHWM) over the inputs.
 """
 
 import multiprocessing as mp
@@ -80,11 +80,21 @@ def cuda_peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def _peak_rss_kib() -> int:
+    """Peak RSS of this process image. VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so
+    a spawned child would report the (larger) parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _cpu_peak_child(make_case, args, queue):
     fn = make_case(*args)
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kib = _peak_rss_kib()
     fn()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) * 1024)
+    queue.put((_peak_rss_kib() - base_kib) * 1024)
 
 
 def cpu_peak_bytes(make_case, *args) -> int:
