@@ -267,17 +267,17 @@ def _input_precision(dtype) -> str:
     return "ieee"
 
 
-def _common(a, c, bias):
+def _common(a, scale, bias):
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     cfg = _blocks(a.shape[1], interpret)
-    dummy = a.new_empty((1,), dtype=a.dtype)  # stands in for bias when there is none
-    return cfg, (bias if bias is not None else dummy), _input_precision(a.dtype)
+    # Without a bias, HAS_BIAS=False and the pointer is never read: pass scale, allocate nothing.
+    return cfg, (bias if bias is not None else scale), _input_precision(a.dtype)
 
 
 def row_cross_entropy_fwd(a, c, scale, bias, label_offset: int):
     """(lse [M], ce [M]) fp32 of z = scale * a @ c.T + bias; ce_i = lse_i - z_{i, i+label_offset}."""
     M, D = a.shape
-    cfg, bias_arg, precision = _common(a, c, bias)
+    cfg, bias_arg, precision = _common(a, scale, bias)
     lse = torch.empty(M, device=a.device, dtype=torch.float32)
     ce = torch.empty_like(lse)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
@@ -307,7 +307,7 @@ def row_cross_entropy_fwd(a, c, scale, bias, label_offset: int):
 def sigmoid_loss_fwd(a, c, scale, bias, label_offset: int):
     """sum_ij softplus(-y_ij z_ij) as a 0-d fp32 tensor, y_ij = +1 iff j = i + label_offset."""
     M, D = a.shape
-    cfg, bias_arg, precision = _common(a, c, bias)
+    cfg, bias_arg, precision = _common(a, scale, bias)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     partial = torch.empty(grid[0], device=a.device, dtype=torch.float32)
     _sigmoid_loss_fwd_kernel[grid](
@@ -339,7 +339,7 @@ def pairwise_grad(a, c, scale, bias, label_offset, loss, row_term=None, col_term
     g: 0-d fp32 upstream grad of the sigmoid-loss sum for LOSS_SIGMOID.
     """
     M, D = a.shape
-    cfg, bias_arg, precision = _common(a, c, bias)
+    cfg, bias_arg, precision = _common(a, scale, bias)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))
     grad_a = torch.empty_like(a)
     partial = torch.empty((2, grid[0]), device=a.device, dtype=torch.float32)
