@@ -61,3 +61,38 @@ def as_scalar_tensor(name: str, value, device: torch.device, dtype=torch.float32
 def scalar_dtype(features_dtype: torch.dtype) -> torch.dtype:
     """dtype for a logit scale/bias given as a Python number: fp64 for fp64 features, else fp32."""
     return torch.float64 if features_dtype == torch.float64 else torch.float32
+
+
+def _check_index_values(name: str, idx: torch.Tensor, data_size: int) -> None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= data_size):
+        raise ValueError(
+            f"{name} must be global sample indices in [0, {data_size}), got min {int(idx.min())}, "
+            f"max {int(idx.max())}"
+        )
+    if torch.unique(idx).numel() != idx.numel():
+        raise ValueError(f"{name} has duplicate sample indices; each sample may appear once per global batch")
+
+
+def index_checks_enabled(idx: torch.Tensor) -> bool:
+    """Value checks (range, duplicates) read the indices on the host: always for CPU tensors, for
+    device tensors only with FASTCLIP_CHECK_INDICES=1 (a host sync per step)."""
+    return idx.device.type == "cpu" or os.environ.get("FASTCLIP_CHECK_INDICES") == "1"
+
+
+def check_indices(name: str, idx, batch: int, data_size: int) -> torch.Tensor:
+    """idx must be a [batch] int32/int64 tensor of distinct values in [0, data_size); returns int64."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of global sample indices, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int64 (or int32) global sample indices, got {idx.dtype}")
+    if idx.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) like the features' batch, got {tuple(idx.shape)}")
+    if index_checks_enabled(idx):
+        _check_index_values(name, idx, data_size)
+    return idx.to(torch.int64)
+
+
+def check_global_indices(name: str, idx: torch.Tensor, data_size: int) -> None:
+    """Range and duplicates over the gathered global batch (same host-read policy)."""
+    if index_checks_enabled(idx):
+        _check_index_values(name, idx, data_size)

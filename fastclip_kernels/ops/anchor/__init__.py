@@ -1,0 +1,76 @@
+"""Per-anchor statistics and gradients of global contrastive losses, tile by tile (no autograd).
+
+Each row a_i of A [M, D] is an *anchor*; its candidates are the rows c_j of C [N, D]; its positive
+is column ``i + label_offset``. With P_ij = <a_i, c_j> and per-row scales s_i (1/tau_i):
+
+    anchor_stats:  over S_i = {j != i + o} (``exclude_positive``, FastCLIP's g) or all j (InfoNCE)
+        lse_i      = log sum_{j in S_i} exp(s_i P_ij)
+        mean_dot_i = sum_{j in S_i} softmax_j(s_i P_i.) P_ij        (d lse_i / d s_i)
+        pos_dot_i  = P_{i, i+o}
+
+    anchor_grad:   grad_a_i = sum_j W_ij c_j with
+        W_ij = [j in S_i] ( row.coef_i exp(row.scale_i P_ij - row.shift_i)
+                          + col.coef_j exp(col.scale_j P_ij - col.shift_j) )
+             + [j = i + o] pos_coef_i
+
+The row term is the gradient of the local anchors' own losses; the column term is that of the
+*columns'* losses (every global anchor j) in which a_i appears as a negative. This is how the
+FastCLIP surrogate's two passes become one kernel per modality with no collective in backward.
+Shifts are log-normalizers chosen by the caller so every exp is bounded (no overflow at s=100).
+
+Backends: ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1) and ``chunked`` (PyTorch, fp64).
+"""
+
+import torch
+
+from ..pairwise import resolve_backend
+from . import chunked
+
+
+def _tiled():
+    from . import tiled
+
+    return tiled
+
+
+def _contiguous_rows(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def anchor_stats(a, c, row_scale, *, label_offset: int = 0, exclude_positive: bool = True, backend="auto"):
+    """Per-anchor log-sum-exp, softmax-mean dot and positive dot (see the module docstring).
+
+    Args:
+        a (torch.Tensor): [M, D] anchors. c (torch.Tensor): [N, D] candidates, same dtype/device.
+        row_scale (torch.Tensor): [M] per-anchor scale s_i (a stride-0 expand of a scalar is fine).
+        label_offset (int): the positive of row i is column i + label_offset, in [0, N - M].
+        exclude_positive (bool): leave the positive out of the sums (FastCLIP's g) or keep it.
+    Returns:
+        (lse [M], mean_dot [M], pos_dot [M]) fp32 (fp64 for fp64 inputs).
+    """
+    backend = resolve_backend(backend, a)
+    a, c = _contiguous_rows(a), _contiguous_rows(c)
+    if backend == "triton":
+        return _tiled().anchor_stats(a, c, row_scale, label_offset, exclude_positive)
+    return chunked.anchor_stats(a, c, row_scale, label_offset, exclude_positive)
+
+
+def anchor_grad(
+    a, c, pos_coef, *, row=None, col=None, label_offset: int = 0, exclude_positive=True, backend="auto"
+):
+    """grad_a [M, D] (a's dtype) = W @ C for the W of the module docstring.
+
+    Args:
+        a, c: as :func:`anchor_stats`.
+        pos_coef (torch.Tensor): [M] W at the positive (i, i + label_offset), fp32/fp64.
+        row (tuple | None): (scale [M], shift [M], coef [M]) of the local anchors' own term.
+        col (tuple | None): (scale [N], shift [N], coef [N]) of the column anchors' term.
+    """
+    backend = resolve_backend(backend, a)
+    a, c = _contiguous_rows(a), _contiguous_rows(c)
+    if backend == "triton":
+        return _tiled().anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row, col)
+    return chunked.anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row, col)
+
+
+__all__ = ["anchor_stats", "anchor_grad"]

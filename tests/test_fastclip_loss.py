@@ -1,0 +1,129 @@
+"""FastCLIPLoss in one process against the dense fp64 references (reference_fastclip.py).
+
+Model gradients must equal autograd of the dense surrogate/objective to rel. error 1e-10 in fp64;
+u and tau state must follow the update formulas for every index seen.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastclip_kernels.fastclip import FastCLIPLoss
+from fastclip_kernels.reference import clip_loss_ref
+from fastclip_kernels.reference_fastclip import fcco_surrogate_ref, gcl_g_ref, gcl_objective_ref, u_update_ref
+from helpers import assert_rel_close, grads, leaf
+
+RTOL = 1e-10
+N_DATA = 40
+
+
+def pairs(n, d=16, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, generator=gen, dtype=dtype), dim=-1)
+    y = F.normalize(x + 0.7 * torch.randn(n, d, generator=gen, dtype=dtype), dim=-1)
+    return leaf(x), leaf(y)
+
+
+def make(mode, **kw):
+    kw.setdefault("state_dtype", torch.float64)
+    kw.setdefault("backend", "chunked")
+    return FastCLIPLoss(N_DATA, mode, **kw)
+
+
+def test_clip_mode_matches_open_clip():
+    x, y = pairs(9)
+    s = leaf(torch.tensor(14.0, dtype=torch.float64))
+    loss = FastCLIPLoss(mode="clip", backend="chunked")(x, y, s)
+    ref = clip_loss_ref(x, y, s)
+    assert_rel_close("loss", loss, ref, RTOL)
+    for name, got, want in zip("xys", grads(loss, [x, y, s]), grads(ref, [x, y, s])):
+        assert_rel_close(f"d{name}", got, want, RTOL)
+
+
+@pytest.mark.parametrize("mode", ["gcl", "rgcl_g"])
+def test_global_tau_epoch0_is_exact_objective_gradient(mode):
+    """gamma = 1 in epoch 0, so u = g and the FCCO gradient is the objective's exact gradient."""
+    x, y = pairs(8)
+    s = leaf(torch.tensor(10.0, dtype=torch.float64))
+    rho = 0.0 if mode == "gcl" else 6.5
+    loss = make(mode, rho=rho)(x, y, s, torch.arange(8) * 3)
+    ref = gcl_objective_ref(x, y, 1.0 / s, 1.0 / s, 1e-14, rho)
+    assert_rel_close("loss", loss, ref, RTOL)
+    inputs = [x, y, s] if mode == "rgcl_g" else [x, y]
+    for name, got, want in zip("xys", grads(loss, inputs), grads(ref, inputs)):
+        assert_rel_close(f"d{name}", got, want, RTOL)
+
+
+def test_rgcl_epoch0_model_gradient_and_tau_step():
+    x, y = pairs(8)
+    idx = torch.arange(8) + 5
+    fn = make("rgcl", rho=7.0, tau_init=0.05, lr_tau=0.01)
+    tau0 = fn.state.tau[:, idx].clone()
+    loss = fn(x, y, None, idx)
+    t1, t2 = (leaf(t) for t in tau0)
+    ref = gcl_objective_ref(x, y, t1, t2, 1e-14, 7.0, per_sample=True)
+    assert_rel_close("loss", loss, ref, RTOL)
+    dx, dy, dt1, dt2 = grads(ref, [x, y, t1, t2])
+    for name, got, want in zip("xy", grads(loss, [x, y]), [dx, dy]):
+        assert_rel_close(f"d{name}", got, want, RTOL)
+    # Per-sample tau gradient: d/dtau_i of tau_i (log(eps + g_i) + rho), i.e. n * 2 x the mean's.
+    # Epoch 0: betas 0, bias correction 1, so the Adam step is lr * grad / (|grad| + eps).
+    d_tau = torch.stack([dt1, dt2]) * 8 * 2
+    d_tau = d_tau.clamp(-5, 5)
+    want = (tau0 - 0.01 * d_tau / (d_tau.abs() + 1e-8)).clamp(0.01, 1.0)
+    assert_rel_close("tau after one step", fn.state.tau[:, idx], want, RTOL)
+
+
+def _simulate(mode, steps, batches, gamma_epochs, convention="exact"):
+    """Run FastCLIPLoss and a dense simulation of u side by side; check every step's gradient."""
+    fn = make(mode, gamma_min=0.3, gamma_decay_epochs=3, convention=convention, rho=2.0)
+    u = torch.zeros(2, N_DATA, dtype=torch.float64)
+    s = leaf(torch.tensor(8.0, dtype=torch.float64))
+    for step in range(steps):
+        fn.set_epoch(gamma_epochs[step])
+        x, y = pairs(len(batches[step]), seed=step)
+        idx = torch.tensor(batches[step])
+        loss = fn(x, y, s, idx)
+        g1, g2 = gcl_g_ref(x.detach(), y.detach(), s.detach(), s.detach())
+        u[0, idx] = u_update_ref(u[0, idx], g1, fn.gamma)
+        u[1, idx] = u_update_ref(u[1, idx], g2, fn.gamma)
+        w = 1.0 / s.detach() if convention == "exact" or mode == "rgcl_g" else 1.0
+        ref = fcco_surrogate_ref(x, y, 1 / s.detach(), 1 / s.detach(), u[0, idx], u[1, idx], 1e-14, w, w)
+        for name, got, want in zip("xy", grads(loss, [x, y]), grads(ref, [x, y])):
+            assert_rel_close(f"step {step} d{name}", got, want, RTOL)
+    seen = sorted({i for batch in batches[:steps] for i in batch})
+    assert_rel_close("u state", fn.state.log_u[:, seen].exp(), u[:, seen], RTOL)
+    assert torch.isinf(fn.state.log_u[:, [i for i in range(N_DATA) if i not in seen]]).all()
+
+
+@pytest.mark.parametrize("mode", ["gcl", "rgcl_g"])
+@pytest.mark.parametrize("convention", ["exact", "reference"])
+def test_u_state_and_fcco_gradient_over_epochs(mode, convention):
+    batches = [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [3, 1, 9, 7, 12, 0], [11, 2, 5, 13, 4, 8]]
+    _simulate(mode, 4, batches, [0, 0, 1, 2], convention)
+
+
+@pytest.mark.parametrize("convention", ["exact", "reference"])
+def test_rgcl_g_temperature_gradient_formula(convention):
+    """dF/dtau = mean 1/2 sum log u~ + rho + kappa tau dPhi/dtau, u fixed after the update (kappa 1
+    exact, 2 reference with log u); fast_clip's code double-counts the tau term (math over source)."""
+    fn = make("rgcl_g", gamma_min=0.5, gamma_decay_epochs=2, convention=convention, rho=3.0)
+    s0 = torch.tensor(9.0, dtype=torch.float64)
+    x, y = pairs(7, seed=1)
+    fn(x, y, s0, torch.arange(7))  # epoch 0 sets u = g
+    fn.set_epoch(1)
+    x, y = pairs(7, seed=2)
+    s = leaf(s0)
+    loss = fn(x, y, s, torch.arange(7))
+    (got,) = grads(loss, [s])
+    u = fn.state.log_u[:, :7].exp()
+    tau = leaf(1.0 / s0)
+    g1, g2 = gcl_g_ref(x.detach(), y.detach(), 1 / tau, 1 / tau)
+    phi = 0.5 * (g1 / (1e-14 + u[0]) + g2 / (1e-14 + u[1])).mean()
+    (dphi_dtau,) = torch.autograd.grad(phi, tau)
+    log_term = torch.log(u + (1e-14 if convention == "exact" else 0.0))
+    kappa = 1.0 if convention == "exact" else 2.0
+    dF_dtau = 0.5 * log_term.sum(0).mean() + 3.0 + kappa * tau.detach() * dphi_dtau
+    assert_rel_close("dL/ds", got, -(tau.detach() ** 2) * dF_dtau, RTOL)
