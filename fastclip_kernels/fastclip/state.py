@@ -71,17 +71,18 @@ class FastCLIPState(nn.Module):
         slot = (indices // self.world_size).clamp(max=max(self.log_u.shape[1] - 1, 0))
         return owned, slot
 
-    def fetch(self, indices: torch.Tensor, group=None) -> dict[str, torch.Tensor]:
+    def fetch(self, indices: torch.Tensor, group=None, collective: bool = True) -> dict[str, torch.Tensor]:
         """{'log_u': [2, n], 'tau': [2, n] if per_sample_tau} for the global batch ``indices`` [n].
 
         Each rank contributes the entries it owns (zeros elsewhere) to ONE all_reduce(SUM) of a
         [F, 2, n] buffer, so every rank gets every value exactly (x + 0 = x). No host sync.
+        ``collective=False`` returns this rank's contribution only (tests, tools).
         """
         owned, slot = self.owned_slots(indices)
         names = ("log_u", "tau") if self.per_sample_tau else ("log_u",)
         values = torch.stack([getattr(self, name)[:, slot] for name in names])
         values = torch.where(owned, values, torch.zeros((), dtype=values.dtype, device=values.device))
-        if self.world_size > 1:
+        if self.world_size > 1 and collective:
             dist.all_reduce(values, group=group)
         return dict(zip(names, values.unbind(0)))
 

@@ -1,0 +1,138 @@
+"""FastCLIP state, schedules and temperature: sharding, the fused update kernel against the PyTorch
+update, checkpoints, sizing for 400M samples, gamma / step_thresh spot values."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import triton_device
+from fastclip_kernels.fastclip import FastCLIPState, GlobalTemperature, gamma_at, step_thresh_lr
+from fastclip_kernels.fastclip.state import shard_size
+from fastclip_kernels.fastclip.update import UpdateConfig, state_update_torch
+from helpers import assert_rel_close
+
+
+def _random_state(per_sample, rank=1, world_size=3, data_size=50, device="cpu"):
+    st = FastCLIPState(data_size, rank=rank, world_size=world_size, per_sample_tau=per_sample, device=device)
+    st.log_u.normal_()
+    st.log_u[0, 3], st.log_u[1, 5], st.log_u[0, 7] = math.nan, -math.inf, -100.0  # all reset by gamma < 1
+    if per_sample:
+        st.tau.uniform_(0.02, 0.5)
+        st.exp_avg.normal_()
+        st.exp_avg_sq.uniform_(0, 1)
+    return st
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("gamma", [1.0, 0.4])
+@pytest.mark.parametrize("reference", [False, True])
+def test_fused_update_matches_torch(per_sample, gamma, reference):
+    from fastclip_kernels.fastclip.update_kernel import state_update_fused
+
+    device = triton_device()
+    st = _random_state(per_sample, device=device)
+    st_fused = copy.deepcopy(st)
+    n = 21
+    idx = torch.randperm(50)[:n].to(device)
+    lam = torch.randn(2, n, device=device) * 3 + 2
+    delta = -torch.rand(2, n, device=device)
+    pos = torch.randn(n, device=device)
+    log_u_old = torch.randn(2, n, device=device)
+    log_u_old[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    tau = torch.rand(2, n, device=device) * 0.3 + 0.02 if per_sample else torch.tensor(0.07, device=device).expand(2, n)
+    cfg = UpdateConfig(gamma=gamma, eps=1e-6, rho=2.0, reference=reference, lr_tau=0.01, beta1=0.9, beta2=0.99, step=3)
+    before = st.log_u.clone()
+    want = state_update_torch(st, idx, lam, delta, pos, log_u_old, tau, cfg)
+    got = state_update_fused(st_fused, idx, lam, delta, pos, log_u_old, tau, cfg)
+    for name, g, w in zip(("shift", "ratio", "log_ut", "log_u_new"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert_rel_close(name, g, w, 1e-5)
+    for name in ("log_u", "tau", "exp_avg", "exp_avg_sq") if per_sample else ("log_u",):
+        a, b = getattr(st_fused, name), getattr(st, name)
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert_rel_close(name, a.nan_to_num(), b.nan_to_num(), 1e-5)
+    owned, slot = st.owned_slots(idx)
+    changed = (st_fused.log_u != before).any(0)
+    assert changed[slot[owned]].all() and changed.sum() == owned.sum(), "must write exactly the owned entries"
+
+
+def test_update_writes_only_owned_entries():
+    st = FastCLIPState(30, rank=2, world_size=4)
+    idx = torch.tensor([2, 6, 7, 10, 13, 29])  # owned by rank 2: 2, 6, 10
+    lam = torch.zeros(2, 6)
+    state_update_torch(st, idx, lam, lam, lam[0], lam, torch.ones(2, 6), UpdateConfig(gamma=1.0, eps=0.0))
+    written = torch.isfinite(st.log_u[0]).nonzero().flatten().tolist()
+    assert written == [0, 1, 2]  # slots idx // 4 of 2, 6, 10
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+def test_sharding_covers_every_index_once(world_size):
+    data_size = 23
+    sizes = [shard_size(data_size, r, world_size) for r in range(world_size)]
+    assert sum(sizes) == data_size
+    states = [FastCLIPState(data_size, rank=r, world_size=world_size, per_sample_tau=True) for r in range(world_size)]
+    for r, st in enumerate(states):
+        st.log_u.copy_(torch.arange(st.log_u.numel(), dtype=torch.float32).view_as(st.log_u) * world_size + r)
+    idx = torch.randperm(data_size)
+    # Summing each rank's contribution is what the all_reduce in fetch() does.
+    fetched = sum(st.fetch(idx, collective=False)["log_u"] for st in states)
+    slot_value = idx.float()  # value stored at (modality 0, slot idx // K) on rank idx % K
+    assert torch.equal(fetched[0], slot_value)
+
+
+def test_state_sized_for_400m_samples():
+    """400M samples, K = 8: 0.4 GB of log u per rank; 1.6 GB with per-sample tau and its moments."""
+    st = FastCLIPState(400_000_000, rank=7, world_size=8, per_sample_tau=True, device="meta")
+    per_rank = sum(buf.numel() * buf.element_size() for buf in st.buffers())
+    assert per_rank == 4 * 2 * 4 * 50_000_000
+    owned, slot = st.owned_slots(torch.tensor([399_999_999, 7], device="meta"))
+    assert slot.dtype == torch.int64
+
+
+def test_state_dict_round_trip_and_sharding_check():
+    st = _random_state(per_sample=True)
+    copy_ = FastCLIPState(50, rank=1, world_size=3, per_sample_tau=True)
+    copy_.load_state_dict(st.state_dict())
+    for name in ("log_u", "tau", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(getattr(copy_, name).nan_to_num(), getattr(st, name).nan_to_num())
+    other = FastCLIPState(50, rank=2, world_size=3, per_sample_tau=True)
+    with pytest.raises(ValueError, match="same data_size, rank and world_size"):
+        other.load_state_dict(st.state_dict())
+
+
+def test_gamma_schedule_spot_values():
+    assert gamma_at(0, 0.2, 18) == 1.0
+    assert gamma_at(9, 0.2, 18) == pytest.approx(0.6, abs=1e-15)
+    assert gamma_at(1, 0.3, 2) == pytest.approx(0.65, abs=1e-15)
+    assert gamma_at(18, 0.2, 18) == gamma_at(30, 0.2, 18) == 0.2
+    assert gamma_at(5, 0.2, 18, "constant") == 0.2
+    for bad in (dict(epoch=-1), dict(gamma_min=0.0), dict(decay_epochs=0)):
+        args = dict(epoch=1, gamma_min=0.2, decay_epochs=4) | bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            gamma_at(**args)
+
+
+def test_step_thresh_and_global_temperature():
+    assert step_thresh_lr(3e-4, 0.031) == 3e-4
+    assert step_thresh_lr(3e-4, 0.03) == pytest.approx(1e-4)
+    temp = GlobalTemperature(0.07)
+    group = temp.param_group(3e-4)
+    opt = torch.optim.AdamW([group])
+    assert group["weight_decay"] == 0.0
+    with torch.no_grad():
+        temp.theta.fill_(math.log(1 / 0.029))
+    temp.step_thresh_(group)
+    assert group["lr"].item() == pytest.approx(1e-4)
+    temp.theta.grad = torch.tensor(-1.0)
+    opt.step()
+    with torch.no_grad():
+        temp.theta.fill_(9.0)
+    temp.clamp_()
+    assert temp.theta.item() == pytest.approx(math.log(100.0))
+    assert temp().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        temp.theta.fill_(math.log(1 / 0.5))
+    temp.step_thresh_(group)
+    assert group["lr"].item() == pytest.approx(3e-4)
