@@ -127,3 +127,89 @@ def test_rgcl_g_temperature_gradient_formula(convention):
     kappa = 1.0 if convention == "exact" else 2.0
     dF_dtau = 0.5 * log_term.sum(0).mean() + 3.0 + kappa * tau.detach() * dphi_dtau
     assert_rel_close("dL/ds", got, -(tau.detach() ** 2) * dF_dtau, RTOL)
+
+
+def _stable_gcl_objective(x, y, s):
+    """tau mean 1/2 (log g1 + log g2) via logsumexp (eps = 0): finite where exp(s d) is not."""
+    n = x.shape[0]
+    sim = s * (x @ y.T)
+    off = torch.eye(n, dtype=torch.bool)
+    diag = sim.diagonal()
+    lg1 = torch.logsumexp(sim.masked_fill(off, -math.inf), 1) - diag
+    lg2 = torch.logsumexp(sim.T.masked_fill(off, -math.inf), 1) - diag
+    return 0.5 * (lg1 + lg2).mean() / s - math.log(n - 1) / s
+
+
+@pytest.mark.parametrize("mode", ["gcl", "rgcl_g"])
+def test_no_overflow_at_scale_100_with_adversarial_pairs(mode):
+    """s = 100, y = -x, |x| = 3: s (P_ij - P_ii) reaches 1800; fast_clip's exp would overflow."""
+    x, _ = pairs(6)
+    x = leaf(3 * x.detach())
+    y = leaf(-x.detach())
+    s = leaf(torch.tensor(100.0, dtype=torch.float64))
+    fn = make(mode, eps=0.0)
+    loss = fn(x, y, s, torch.arange(6))
+    dense = gcl_g_ref(x.detach(), y.detach(), 100.0, 100.0)
+    assert not torch.isfinite(dense[0]).all(), "the naive reference should overflow here"
+    ref = _stable_gcl_objective(x, y, s)
+    assert_rel_close("loss", loss, ref, RTOL)
+    for name, got, want in zip("xy", grads(loss, [x, y]), grads(ref, [x, y])):
+        assert_rel_close(f"d{name}", got, want, RTOL)
+    assert torch.isfinite(fn.state.log_u[:, :6]).all() and fn.state.log_u[:, :6].max() > 88.7
+
+
+def _call(fn, b=4, **kw):
+    x, y = pairs(b)
+    args = dict(logit_scale=torch.tensor(10.0, dtype=torch.float64), indices=torch.arange(b)) | kw
+    return fn(x, y, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(indices=torch.tensor([0, 1, 2, 40])), ValueError, "indices must be global sample indices in"),
+        (dict(indices=torch.tensor([0, -1, 2, 3])), ValueError, "indices must be global sample indices in"),
+        (dict(indices=torch.tensor([0, 1, 1, 3])), ValueError, "duplicate"),
+        (dict(indices=torch.tensor([0.0, 1.0, 2.0, 3.0])), TypeError, "int64"),
+        (dict(indices=torch.arange(5)), ValueError, r"shape \(4,\)"),
+        (dict(indices=[0, 1, 2, 3]), TypeError, "indices must be a torch.Tensor"),
+        (dict(indices=None), ValueError, "needs indices"),
+        (dict(logit_scale=None), ValueError, "needs logit_scale"),
+        (dict(logit_scale=torch.tensor(math.inf)), ValueError, "logit_scale must be finite"),
+    ],
+)
+def test_bad_input_names_the_argument_and_leaves_state_alone(kwargs, error, match):
+    fn = make("rgcl_g")
+    _call(fn)
+    before = fn.state.log_u.clone()
+    with pytest.raises(error, match=match):
+        _call(fn, **kwargs)
+    assert torch.equal(fn.state.log_u, before)
+
+
+def test_bad_construction_and_mode_arguments():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FastCLIPLoss(10, "sogclr")
+    with pytest.raises(ValueError, match="convention must be one of"):
+        FastCLIPLoss(10, "gcl", convention="paper")
+    with pytest.raises(ValueError, match="needs data_size"):
+        FastCLIPLoss(mode="gcl")
+    with pytest.raises(ValueError, match="rank in"):
+        FastCLIPLoss(10, "gcl", rank=2, world_size=2)
+    with pytest.raises(ValueError, match="pass logit_scale=None"):
+        _call(make("rgcl"))
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        _call(make("gcl"), b=1)
+    with pytest.raises(ValueError, match="epoch"):
+        make("gcl").set_epoch(-1)
+
+
+def test_eval_mode_leaves_state_unchanged():
+    fn = make("rgcl")
+    before = {k: v.clone() for k, v in fn.state.state_dict().items() if torch.is_tensor(v)}
+    fn.eval()
+    with torch.no_grad():
+        loss = _call(fn, logit_scale=None)
+    assert torch.isfinite(loss)
+    for k, v in before.items():
+        assert torch.equal(fn.state.state_dict()[k], v), k
