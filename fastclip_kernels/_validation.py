@@ -86,7 +86,9 @@ def check_indices(name: str, idx, batch: int, data_size: int) -> torch.Tensor:
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int64 (or int32) global sample indices, got {idx.dtype}")
     if idx.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},) like the features' batch, got {tuple(idx.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({batch},) like the features' batch, got {tuple(idx.shape)}"
+        )
     if index_checks_enabled(idx):
         _check_index_values(name, idx, data_size)
     return idx.to(torch.int64)

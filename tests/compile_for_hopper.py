@@ -1,4 +1,4 @@
-"""Compile every shipped GPU configuration of the pairwise kernels for sm_90 (no GPU needed).
+"""Compile every shipped GPU configuration of the pairwise and anchor kernels for sm_90 (no GPU needed).
 
 Run as a script (Triton must not be in interpreter mode): prints one JSON line per configuration
 with whether the PTX uses wgmma, the shared memory, registers and spill bytes reported by ptxas.
@@ -20,6 +20,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastclip_kernels.fastclip import update_kernel  # noqa: E402
+from fastclip_kernels.ops.anchor import tiled as anchor_tiled  # noqa: E402
 from fastclip_kernels.ops.pairwise import tiled  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -55,15 +57,17 @@ def _ptxas_report(ptx: str) -> dict:
     return {"spill_bytes": sum(spills), "registers": max(regs)}
 
 
-def compile_one(kernel, dtype, constexprs, num_warps):
+def compile_one(kernel, dtype, constexprs, num_warps, signature=None):
     names = kernel.arg_names
-    src = ASTSource(fn=kernel, signature=_signature(names, DTYPES[dtype], constexprs), constexprs=constexprs)
+    signature = signature or _signature(names, DTYPES[dtype], constexprs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
     return {
         "kernel": kernel.__name__,
         "dtype": dtype,
         **{k: v for k, v in constexprs.items() if k != "INPUT_PRECISION"},
-        "precision": constexprs["INPUT_PRECISION"],
+        "precision": constexprs.get("INPUT_PRECISION", "none"),
+        "uses_dot": "INPUT_PRECISION" in constexprs,
         "wgmma": "wgmma" in compiled.asm["ptx"],
         "shared_bytes": compiled.metadata.shared,
         **_ptxas_report(compiled.asm["ptx"]),
@@ -82,9 +86,48 @@ def configurations():
         for loss, row, col in [(0, True, True), (0, True, False), (0, False, True), (1, False, False)]:
             grad = dict(common, LOSS=loss, HAS_ROW_TERM=row, HAS_COL_TERM=col, BLOCK_DO=cfg["BLOCK_DO"])
             yield tiled._pairwise_grad_kernel, dtype, grad, cfg["num_warps"]
+        yield from anchor_configurations(dtype, d)
+
+
+def anchor_configurations(dtype, d):
+    """The anchor kernels: both EXCLUDE_POSITIVE values, every HAS_ROW/HAS_COL the launcher passes."""
+    cfg = tiled._blocks(d, interpret=False)
+    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+    precision = "tf32" if dtype == "fp32" else "ieee"
+    for exclude in (True, False):
+        common = dict(EXCLUDE_POSITIVE=exclude, INPUT_PRECISION=precision, **blocks)
+        if d == FEATURE_DIMS[0]:
+            yield anchor_tiled._anchor_stats_kernel, dtype, common, cfg["num_warps"]
+        for row, col in itertools.product((True, False), repeat=2):
+            grad = dict(common, HAS_ROW=row, HAS_COL=col, BLOCK_DO=cfg["BLOCK_DO"])
+            yield anchor_tiled._anchor_grad_kernel, dtype, grad, cfg["num_warps"]
+
+
+STATE_UPDATE_INTS = {"n", "shard", "stride_tau_m", "stride_tau_n", "rank", "world_size"}
+
+
+def state_update_configurations():
+    """The fused FastCLIP state update (elementwise, no tensor cores): every constexpr combination."""
+    kernel = update_kernel._fastclip_state_update_kernel
+    for gamma_one, per_sample, reference, write in itertools.product((True, False), repeat=4):
+        constexprs = dict(
+            GAMMA_ONE=gamma_one, PER_SAMPLE_TAU=per_sample, REFERENCE=reference, WRITE=write,
+            BLOCK=update_kernel.BLOCK,
+        )  # fmt: skip
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*i64" if name == "idx_ptr" else "*fp32"
+            else:
+                signature[name] = "i32" if name in STATE_UPDATE_INTS else "fp32"
+        yield kernel, "fp32", constexprs, 4, signature
 
 
 if __name__ == "__main__":
     for kernel, dtype, constexprs, num_warps in configurations():
         print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps)), flush=True)
+    for kernel, dtype, constexprs, num_warps, signature in state_update_configurations():
+        print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps, signature)), flush=True)
     sys.exit(0)

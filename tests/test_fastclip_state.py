@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import triton_device
+from helpers import assert_rel_close
+
 from fastclip_kernels.fastclip import FastCLIPState, GlobalTemperature, gamma_at, step_thresh_lr
 from fastclip_kernels.fastclip.state import shard_size
 from fastclip_kernels.fastclip.update import UpdateConfig, state_update_torch
-from helpers import assert_rel_close
 
 
 def _random_state(per_sample, rank=1, world_size=3, data_size=50, device="cpu"):
@@ -41,12 +41,18 @@ def test_fused_update_matches_torch(per_sample, gamma, reference):
     pos = torch.randn(n, device=device)
     log_u_old = torch.randn(2, n, device=device)
     log_u_old[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
-    tau = torch.rand(2, n, device=device) * 0.3 + 0.02 if per_sample else torch.tensor(0.07, device=device).expand(2, n)
-    cfg = UpdateConfig(gamma=gamma, eps=1e-6, rho=2.0, reference=reference, lr_tau=0.01, beta1=0.9, beta2=0.99, step=3)
+    tau = (
+        torch.rand(2, n, device=device) * 0.3 + 0.02
+        if per_sample
+        else torch.tensor(0.07, device=device).expand(2, n)
+    )
+    cfg = UpdateConfig(
+        gamma=gamma, eps=1e-6, rho=2.0, reference=reference, lr_tau=0.01, beta1=0.9, beta2=0.99, step=3
+    )
     before = st.log_u.clone()
     want = state_update_torch(st, idx, lam, delta, pos, log_u_old, tau, cfg)
     got = state_update_fused(st_fused, idx, lam, delta, pos, log_u_old, tau, cfg)
-    for name, g, w in zip(("shift", "ratio", "log_ut", "log_u_new"), got, want):
+    for name, g, w in zip(("shift", "ratio", "log_ut", "log_u_new"), got, want, strict=True):
         assert torch.isfinite(g).all(), name
         assert_rel_close(name, g, w, 1e-5)
     for name in ("log_u", "tau", "exp_avg", "exp_avg_sq") if per_sample else ("log_u",):
@@ -72,7 +78,10 @@ def test_sharding_covers_every_index_once(world_size):
     data_size = 23
     sizes = [shard_size(data_size, r, world_size) for r in range(world_size)]
     assert sum(sizes) == data_size
-    states = [FastCLIPState(data_size, rank=r, world_size=world_size, per_sample_tau=True) for r in range(world_size)]
+    states = [
+        FastCLIPState(data_size, rank=r, world_size=world_size, per_sample_tau=True)
+        for r in range(world_size)
+    ]
     for r, st in enumerate(states):
         st.log_u.copy_(torch.arange(st.log_u.numel(), dtype=torch.float32).view_as(st.log_u) * world_size + r)
     idx = torch.randperm(data_size)

@@ -35,12 +35,19 @@ def reports():
 
 def test_all_configurations_compiled(reports):
     kernels = {r["kernel"] for r in reports}
-    assert kernels == {"_row_cross_entropy_fwd_kernel", "_sigmoid_loss_fwd_kernel", "_pairwise_grad_kernel"}
+    assert kernels == {
+        "_row_cross_entropy_fwd_kernel",
+        "_sigmoid_loss_fwd_kernel",
+        "_pairwise_grad_kernel",
+        "_anchor_stats_kernel",
+        "_anchor_grad_kernel",
+        "_fastclip_state_update_kernel",
+    }
     assert {r["dtype"] for r in reports} == {"fp16", "bf16", "fp32"}
 
 
 def test_tensor_cores_no_spills_smem_fits(reports):
     for r in reports:
-        assert r["wgmma"], f"no wgmma in {r}"
+        assert r["wgmma"] or not r["uses_dot"], f"no wgmma in {r}"
         assert r["spill_bytes"] == 0, f"register spills in {r}"
         assert r["shared_bytes"] <= SMEM_LIMIT, f"shared memory over {SMEM_LIMIT} in {r}"

@@ -16,7 +16,13 @@ See ``objective.py`` for the objectives, the gradient-scale convention and the t
 import torch
 from torch import nn
 
-from .._validation import as_scalar_tensor, check_features, check_global_indices, check_indices, check_same_batch
+from .._validation import (
+    as_scalar_tensor,
+    check_features,
+    check_global_indices,
+    check_indices,
+    check_same_batch,
+)
 from ..ops.anchor import anchor_grad, anchor_stats
 from ..ops.pairwise import resolve_backend
 from . import objective
@@ -118,13 +124,30 @@ class FastCLIPLoss(nn.Module):
             raise ValueError(f"mode must be one of {objective.MODES}, got {mode!r}")
         if convention not in objective.CONVENTIONS:
             raise ValueError(f"convention must be one of {objective.CONVENTIONS}, got {convention!r}")
-        if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"need an int world_size >= 1 and rank in [0, world_size), got {rank!r}, {world_size!r}")
+        if (
+            not isinstance(world_size, int)
+            or world_size < 1
+            or not isinstance(rank, int)
+            or not 0 <= rank < world_size
+        ):
+            raise ValueError(
+                f"need an int world_size >= 1 and rank in [0, world_size), got {rank!r}, {world_size!r}"
+            )
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         gamma_at(1, gamma_min, gamma_decay_epochs, gamma_schedule)  # validates the schedule now
-        self.mode, self.convention, self.rank, self.world_size, self.group = mode, convention, rank, world_size, group
-        self.gamma_min, self.gamma_decay_epochs, self.gamma_schedule = gamma_min, gamma_decay_epochs, gamma_schedule
+        self.mode, self.convention, self.rank, self.world_size, self.group = (
+            mode,
+            convention,
+            rank,
+            world_size,
+            group,
+        )
+        self.gamma_min, self.gamma_decay_epochs, self.gamma_schedule = (
+            gamma_min,
+            gamma_decay_epochs,
+            gamma_schedule,
+        )
         self.eps, self.rho, self.backend, self.epoch = eps, rho, backend, 0
         self.tau_hparams = dict(
             lr_tau=lr_tau, beta1=betas[0], beta2=betas[1], adam_eps=adam_eps,
@@ -170,7 +193,9 @@ class FastCLIPLoss(nn.Module):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self.mode == "rgcl":
             if logit_scale is not None:
-                raise ValueError("mode='rgcl' keeps per-sample temperatures in its state; pass logit_scale=None")
+                raise ValueError(
+                    "mode='rgcl' keeps per-sample temperatures in its state; pass logit_scale=None"
+                )
             scale = None
         else:
             if logit_scale is None:
@@ -219,11 +244,19 @@ class FastCLIPLoss(nn.Module):
 
     def _anchor_statistics(self, x, y, X, Y, scale_local):
         """Gathered (lam [2, n], delta [2, n], pos_dot [n]) of all n anchors (one all_gather)."""
-        kw = dict(label_offset=self.rank * x.shape[0], exclude_positive=self.mode != "clip", backend=self._backend)
+        kw = dict(
+            label_offset=self.rank * x.shape[0], exclude_positive=self.mode != "clip", backend=self._backend
+        )
         lse_x, mean_x, pos_x = anchor_stats(x, Y, scale_local[0], **kw)
         lse_y, mean_y, pos_y = anchor_stats(y, X, scale_local[1], **kw)
         local = torch.stack(
-            [lse_x - scale_local[0] * pos_x, lse_y - scale_local[1] * pos_y, mean_x - pos_x, mean_y - pos_y, pos_x],
+            [
+                lse_x - scale_local[0] * pos_x,
+                lse_y - scale_local[1] * pos_y,
+                mean_x - pos_x,
+                mean_y - pos_y,
+                pos_x,
+            ],
             dim=1,
         )  # [b, 5]: one row per pair, so the gather keeps rank-major order
         (stats,) = _gather([local], self.world_size, self.group)

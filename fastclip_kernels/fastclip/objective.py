@@ -56,7 +56,9 @@ def clip_terms(lam, delta, pos_dot, s, world_size: int, offset: int, b: int):
     return 0.5 * lam.sum(0).mean(), 0.5 * delta.sum(0).mean(), terms
 
 
-def gcl_terms(mode, convention, lam, delta, tau, ratio, shift, log_u_new, log_ut, eps, rho, world_size, offset, b):
+def gcl_terms(
+    mode, convention, lam, delta, tau, ratio, shift, log_u_new, log_ut, eps, rho, world_size, offset, b
+):
     """(loss, dL/ds or None, BackwardTerms) of gcl / rgcl / rgcl_g after the u update.
 
     tau [2, n] (a stride-0 expand for the global modes); ratio, shift, log_u_new, log_ut [2, n].

@@ -84,7 +84,7 @@ class FastCLIPState(nn.Module):
         values = torch.where(owned, values, torch.zeros((), dtype=values.dtype, device=values.device))
         if self.world_size > 1 and collective:
             dist.all_reduce(values, group=group)
-        return dict(zip(names, values.unbind(0)))
+        return dict(zip(names, values.unbind(0), strict=True))
 
     def get_extra_state(self):
         return {"data_size": self.data_size, "rank": self.rank, "world_size": self.world_size}

@@ -67,7 +67,9 @@ def _fastclip_state_update_kernel(
             grad = log_term + rho - ratio * delta / tau
             grad = tl.minimum(tl.maximum(grad, -grad_clip), grad_clip)
             exp_avg = beta1 * tl.load(exp_avg_ptr + slot, mask=owned, other=0.0) + (1.0 - beta1) * grad
-            exp_avg_sq = beta2 * tl.load(exp_avg_sq_ptr + slot, mask=owned, other=0.0) + (1.0 - beta2) * grad * grad
+            exp_avg_sq = (
+                beta2 * tl.load(exp_avg_sq_ptr + slot, mask=owned, other=0.0) + (1.0 - beta2) * grad * grad
+            )
             step = lr_tau * (exp_avg / bias_corr1) / (tl.sqrt(exp_avg_sq / bias_corr2) + adam_eps)
             tau_new = tl.minimum(tl.maximum(tau - step, tau_min), tau_max)
             tl.store(exp_avg_ptr + slot, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=owned)

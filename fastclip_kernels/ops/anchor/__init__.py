@@ -21,8 +21,6 @@ Shifts are log-normalizers chosen by the caller so every exp is bounded (no over
 Backends: ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1) and ``chunked`` (PyTorch, fp64).
 """
 
-import torch
-
 from ..pairwise import resolve_backend
 from . import chunked
 
