@@ -110,4 +110,7 @@ def test_module_constructor_arguments():
     with pytest.raises(ValueError, match="rank must be"):
         FastContrastiveLoss(rank=1, world_size=1)
     with pytest.raises(NotImplementedError, match="world_size > 1"):
-        FastContrastiveLoss(rank=0, world_size=2)
+        FastSigLipLoss(rank=0, world_size=2)
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="process group has 1 rank"):  # torch.distributed not initialized
+        FastContrastiveLoss(rank=0, world_size=2)(x, x, 10.0)
