@@ -28,9 +28,9 @@ def pytest_sessionfinish(session, exitstatus):
         return
     tag = ROWS[0]["gpu"] if ROWS[0]["gpu"] != "none" else "cpu"
     path = pathlib.Path(__file__).parent / "results" / f"{tag.replace(' ', '_')}.csv"
-    fields = list(ROWS[0])
     existing = list(csv.DictReader(path.open())) if path.exists() else []
     keep = [r for r in existing if (r["bench"], r["shape"]) not in {(x["bench"], x["shape"]) for x in ROWS}]
+    fields = list(dict.fromkeys(key for row in keep + ROWS for key in row))  # union, first-seen order
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

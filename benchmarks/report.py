@@ -23,8 +23,10 @@ def table(rows: list[dict]) -> str:
         "| memory vs materialized | machine |",
         "|" + "---|" * 10,
     ]
-    base = {(r["bench"], r["shape"], r["mode"]): r for r in rows if r["provider"] == "materialized"}
+    base = {(r["bench"], r["shape"], r["mode"]): r for r in rows if r["provider"].startswith("materialized")}
     for r in rows:
+        if not r.get("median_ms"):
+            continue
         ref = base.get((r["bench"], r["shape"], r["mode"]), {})
         machine = (
             f"{r['gpu'] if r['gpu'] != 'none' else r['cpu'] + ' x' + r['threads'] + ' threads'}, "
@@ -38,6 +40,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def communication_table(rows: list[dict]) -> str:
+    """Loss-related bytes per rank per step (CommCounter, ring model) next to the DDP all-reduce."""
+    lines = [
+        "| ranks, shape | scheme | fwd collectives | bwd collectives | loss MB / rank / step | DDP grads MB "
+        "| loss / DDP |",
+        "|" + "---|" * 7,
+    ]
+    for r in rows:
+        if r["bench"] != "loss_communication":
+            continue
+        loss, ddp = int(r["loss_bytes"]), int(r["ddp_bytes"])
+        lines.append(
+            f"| {r['shape']} | {r['provider']} | {r['fwd_calls']} | {r['bwd_calls']} | {loss / 1e6:.3f} | "
+            f"{ddp / 1e6:.1f} | {100 * loss / ddp:.2f}% |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     rows = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.csv")):
@@ -46,7 +66,10 @@ def main() -> None:
     text = readme.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table(rows)}\n{END}{tail}")
+    tables = (
+        f"{table(rows)}\n\nCommunication (bytes do not depend on the machine):\n\n{communication_table(rows)}"
+    )
+    readme.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
 
 
 if __name__ == "__main__":

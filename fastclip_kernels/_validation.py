@@ -45,7 +45,7 @@ def as_scalar_tensor(name: str, value, device: torch.device, dtype=torch.float32
     if not isinstance(value, torch.Tensor):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-        return torch.tensor(float(value), device=device, dtype=dtype)
+        return torch.full((), float(value), device=device, dtype=dtype)  # a fill, not a blocking copy
     if value.numel() != 1:
         raise ValueError(f"{name} must have one element, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
@@ -91,7 +91,7 @@ def check_indices(name: str, idx, batch: int, data_size: int) -> torch.Tensor:
         )
     if index_checks_enabled(idx):
         _check_index_values(name, idx, data_size)
-    return idx.to(torch.int64)
+    return idx.to(torch.int64).contiguous()
 
 
 def check_global_indices(name: str, idx: torch.Tensor, data_size: int) -> None:

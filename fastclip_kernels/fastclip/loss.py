@@ -14,6 +14,7 @@ See ``objective.py`` for the objectives, the gradient-scale convention and the t
 """
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .._validation import (
@@ -46,15 +47,16 @@ class _FastCLIPFunction(torch.autograd.Function):
     def forward(ctx, x, y, scale, loss_fn, indices):
         value, dscale, saved = loss_fn._forward_pass(x, y, scale, indices)
         ctx.save_for_backward(*saved)
-        ctx.loss_fn, ctx.dscale = loss_fn, dscale
+        ctx.dscale, ctx.rank = dscale, loss_fn.rank
+        ctx.backend, ctx.exclude_positive = loss_fn._backend, loss_fn.mode != "clip"
         return value
 
     @staticmethod
     def backward(ctx, grad_out):
         x, y, X, Y, scale, shift, coef, pos_coef = ctx.saved_tensors
-        fn, b = ctx.loss_fn, x.shape[0]
-        o = fn.rank * b
-        kw = dict(label_offset=o, exclude_positive=fn.mode != "clip", backend=fn._backend)
+        b = x.shape[0]
+        o = ctx.rank * b
+        kw = dict(label_offset=o, exclude_positive=ctx.exclude_positive, backend=ctx.backend)
         coef, pos_coef = coef * grad_out, pos_coef * grad_out
         local = slice(o, o + b)
         grad_x = anchor_grad(
@@ -89,9 +91,16 @@ class FastCLIPLoss(nn.Module):
 
     forward(image_features [b, D], text_features [b, D], logit_scale=None, indices=None,
     output_dict=False) -> 0-d loss (global-batch objective, equal on all ranks).
-        logit_scale: s = 1/tau, 0-d (required for clip, gcl, rgcl_g; must be None for rgcl).
+        logit_scale: s = 1/tau, 0-d (required for clip, gcl, rgcl_g; must be None for rgcl). In gcl
+            it is a constant: it gets no gradient (use requires_grad=False, or DDP will complain).
         indices: [b] int64 global sample indices (required except for clip); distinct, in range.
     Call ``set_epoch(e)`` at the start of each epoch (gamma and the per-sample Adam depend on it).
+
+    Gradients: FastCLIP's estimator (u held fixed), which is the gradient of the returned value
+    only when gamma = 1. Each rank's feature gradient is K x its share of the global one, so after
+    DDP's mean over ranks parameters get exactly the single-process global-batch gradient; the
+    logit_scale gradient is the global one on every rank. The u / tau state is written only in
+    training mode with grad enabled (``eval()`` or ``torch.no_grad()`` leave it untouched).
     """
 
     def __init__(
@@ -136,6 +145,10 @@ class FastCLIPLoss(nn.Module):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         gamma_at(1, gamma_min, gamma_decay_epochs, gamma_schedule)  # validates the schedule now
+        if mode == "rgcl" and not 0 < tau_min <= tau_init <= tau_max:
+            raise ValueError(f"need 0 < tau_min <= tau_init <= tau_max, got {tau_min}, {tau_init}, {tau_max}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         self.mode, self.convention, self.rank, self.world_size, self.group = (
             mode,
             convention,
@@ -153,7 +166,7 @@ class FastCLIPLoss(nn.Module):
             lr_tau=lr_tau, beta1=betas[0], beta2=betas[1], adam_eps=adam_eps,
             tau_min=tau_min, tau_max=tau_max, grad_clip=grad_clip,
         )  # fmt: skip
-        self.state = None
+        self.state, self._write_state = None, True
         if mode != "clip":
             if data_size is None:
                 raise ValueError(f"mode={mode!r} needs data_size (the number of samples)")
@@ -177,16 +190,34 @@ class FastCLIPLoss(nn.Module):
         hp["beta1"], hp["beta2"] = (hp["beta1"], hp["beta2"]) if warm else (0.0, 0.0)
         return UpdateConfig(
             gamma=self.gamma, eps=self.eps, rho=self.rho, reference=self.convention == "reference",
-            step=self.epoch + 1, write=self.training, **hp,
+            step=self.epoch + 1, write=self._write_state, **hp,
         )  # fmt: skip
 
     def forward(self, image_features, text_features, logit_scale=None, indices=None, output_dict=False):
         x, y, scale, indices = self._check(image_features, text_features, logit_scale, indices)
         self._backend = resolve_backend(self.backend, x)
+        # Grad mode is read here: inside autograd.Function.forward it is always off.
+        self._write_state = self.training and torch.is_grad_enabled()
         loss = _FastCLIPFunction.apply(x, y, scale, self, indices)
         return {"contrastive_loss": loss} if output_dict else loss
 
+    def _check_group(self) -> None:
+        """world_size / rank must describe the process group (host-side, no device work)."""
+        if self.world_size == 1:
+            return
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                f"world_size={self.world_size} needs an initialized torch.distributed process group"
+            )
+        size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if (size, rank) != (self.world_size, self.rank):
+            raise ValueError(
+                f"rank={self.rank}, world_size={self.world_size} do not match the process group "
+                f"(rank {rank} of {size})"
+            )
+
     def _check(self, x, y, logit_scale, indices):
+        self._check_group()
         check_features("image_features", x)
         check_features("text_features", y, x.shape[1], x.device, x.dtype)
         check_same_batch("text_features", y, "image_features", x)

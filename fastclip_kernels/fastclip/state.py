@@ -66,9 +66,12 @@ class FastCLIPState(nn.Module):
 
     def owned_slots(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(owned [n] bool, slot [n] int64): which global indices this rank stores, and where.
-        Slots of indices owned by other ranks are clamped into range (never read unmasked)."""
-        owned = indices % self.world_size == self.rank
-        slot = (indices // self.world_size).clamp(max=max(self.log_u.shape[1] - 1, 0))
+        Out-of-range indices are owned by no rank (never written); slots of indices this rank does
+        not own are clamped into range (read, never used unmasked)."""
+        shard = self.log_u.shape[1]
+        slot = indices // self.world_size
+        owned = (indices % self.world_size == self.rank) & (indices >= 0) & (slot < shard)
+        slot = slot.clamp(0, max(shard - 1, 0))
         return owned, slot
 
     def fetch(self, indices: torch.Tensor, group=None, collective: bool = True) -> dict[str, torch.Tensor]:

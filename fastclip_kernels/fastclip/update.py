@@ -56,10 +56,11 @@ def _log(x: float) -> float:
 def _scatter_owned(buf: torch.Tensor, slot, owned, new) -> None:
     """buf[:, slot[j]] = new[:, j] for owned j, without a host sync: other entries are redirected
     to the first owned entry's slot with its value (identical duplicate writes, so no race)."""
-    j0 = owned.to(torch.int32).argmax()
-    keep = torch.where(owned[j0], new[:, j0], buf[:, slot[j0]])
-    target = torch.where(owned, slot, slot[j0])
-    buf[:, target] = torch.where(owned, new, keep[:, None]).to(buf.dtype)
+    j0 = owned.to(torch.int32).argmax().reshape(1)  # stays on the device (no 0-d indexing: that syncs)
+    slot0 = slot.index_select(0, j0)
+    keep = torch.where(owned.index_select(0, j0), new.index_select(1, j0), buf.index_select(1, slot0))
+    target = torch.where(owned, slot, slot0)
+    buf[:, target] = torch.where(owned, new, keep).to(buf.dtype)
 
 
 def log_u_update(lam, log_u_old, gamma: float, n: int):
@@ -90,7 +91,7 @@ def state_update_torch(state, indices, lam, delta, pos_dot, log_u_old, tau, cfg:
     """
     n = indices.shape[0]
     log_g, log_u_new = log_u_update(lam, log_u_old.to(lam.dtype), cfg.gamma, n)
-    log_ut = torch.logaddexp(log_u_new, torch.tensor(_log(cfg.eps), dtype=lam.dtype, device=lam.device))
+    log_ut = torch.logaddexp(log_u_new, torch.full_like(log_u_new, _log(cfg.eps)))
     ratio = torch.exp(log_g - log_ut)
     shift = pos_dot / tau + math.log(n - 1) + log_ut
     if cfg.write:

@@ -59,7 +59,7 @@ def _fastclip_state_update_kernel(
     tl.store(log_u_new_ptr + m * n + offs_n, log_u_new, mask=mask_n)
     if WRITE:
         idx = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
-        owned = mask_n & (idx % world_size == rank)
+        owned = mask_n & (idx >= 0) & (idx % world_size == rank) & (idx // world_size < shard)
         slot = m * shard + idx // world_size
         tl.store(log_u_ptr + slot, log_u_new.to(log_u_ptr.dtype.element_ty), mask=owned)
         if PER_SAMPLE_TAU:
@@ -87,6 +87,7 @@ BLOCK = 1024
 def state_update_fused(state, indices, lam, delta, pos_dot, log_u_old, tau, cfg: UpdateConfig):
     """Same contract as ``update.state_update_torch``: (shift, ratio, log_ut, log_u_new) [2, n]."""
     n = indices.shape[0]
+    indices = indices.contiguous()  # the kernel reads idx_ptr + offs_n
     lam, delta, pos_dot = lam.contiguous(), delta.contiguous(), pos_dot.contiguous()
     log_u_old = log_u_old.contiguous()
     shift, ratio, log_ut, log_u_new = (torch.empty_like(lam) for _ in range(4))

@@ -33,7 +33,8 @@ def anchor_stats(a, c, row_scale, label_offset: int, exclude_positive: bool, chu
         lse[i0:i1] = torch.logsumexp(z, dim=1)
         p = torch.exp(z - lse[i0:i1, None])
         mean_dot[i0:i1] = (p * dot).sum(dim=1)
-        pos_dot[i0:i1] = dot[pos]
+        cols = torch.arange(i0, i1, device=a.device) + label_offset
+        pos_dot[i0:i1] = dot.gather(1, cols[:, None]).squeeze(1)  # gather, not dot[pos]: no host sync
     return lse, mean_dot, pos_dot
 
 
