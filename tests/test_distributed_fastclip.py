@@ -28,23 +28,25 @@ def _data(step):
     return img, txt
 
 
-def _train(mode, rank, world_size, convention="exact"):
+def _train(mode, rank, world_size, convention="exact", backend="chunked"):
     """Run the 4 steps on this rank's slice; returns per-step (loss, dW_img, dW_txt, ds) after the
     DDP-style mean, the state shard and the communication counts of the loss."""
     torch.manual_seed(0)
-    w_img = torch.randn(D_IN, D, dtype=torch.float64, requires_grad=True)
-    w_txt = torch.randn(D_IN, D, dtype=torch.float64, requires_grad=True)
-    theta = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+    dtype = torch.float64 if backend == "chunked" else torch.float32
+    w_img = torch.randn(D_IN, D, dtype=torch.float64).to(dtype).requires_grad_()
+    w_txt = torch.randn(D_IN, D, dtype=torch.float64).to(dtype).requires_grad_()
+    theta = torch.tensor(2.3, dtype=dtype, requires_grad=True)
     fn = FastCLIPLoss(
         N_DATA, mode, rank=rank, world_size=world_size, gamma_min=0.3, gamma_decay_epochs=3,
-        rho=2.0, convention=convention, state_dtype=torch.float64, backend="chunked",
+        rho=2.0, convention=convention, state_dtype=torch.float64 if backend == "chunked" else torch.float32,
+        backend=backend,
     )  # fmt: skip
     b = B_GLOBAL // world_size
     local = slice(rank * b, (rank + 1) * b)
     steps, counts = [], []
     for step, (batch, epoch) in enumerate(zip(BATCHES, EPOCHS, strict=True)):
         fn.set_epoch(epoch)
-        img, txt = _data(step)
+        img, txt = (t.to(dtype) for t in _data(step))
         x = F.normalize(img[local] @ w_img, dim=-1)
         y = F.normalize(txt[local] @ w_txt, dim=-1)
         scale = None if mode == "rgcl" else theta.exp()
@@ -117,3 +119,39 @@ def test_distributed_matches_single_process(mode, convention, world_size):
     for name in single_state:
         full = _full_state(shards, world_size, name)
         assert_rel_close(f"state {name}", full[:, seen], single_state[name][:, seen], 1e-10)
+
+
+def _errors_and_triton(rank, world_size):
+    """Bad global batches (errors are returned, not raised) and the Triton path on K ranks."""
+    b = B_GLOBAL // world_size
+    x, y = (t.float() for t in _data(0))
+    out = {}
+    fn = FastCLIPLoss(N_DATA, "gcl", rank=rank, world_size=world_size)
+    try:  # rank 0 and rank 1 both send sample b - 1
+        fn(x[:b], y[:b], 10.0, torch.arange(b) + rank * (b - 1))
+    except ValueError as err:
+        out["duplicate"] = str(err)
+    try:
+        FastCLIPLoss(N_DATA, "gcl", rank=rank, world_size=world_size + 1)(x[:b], y[:b], 10.0, torch.arange(b))
+    except ValueError as err:
+        out["group"] = str(err)
+    out["triton"] = _train("rgcl", rank, world_size, backend="triton")
+    return out
+
+
+def test_errors_and_triton_path_on_two_ranks():
+    results = run_ranks(_errors_and_triton, 2)
+    single, single_state, _ = _train("rgcl", 0, 1)
+    for rank, res in enumerate(results):
+        assert "duplicate sample indices" in res["duplicate"] and "global batch" in res["duplicate"]
+        assert "do not match the process group (rank" in res["group"]
+        steps, _, counts = res["triton"]
+        assert all(bwd == 0 for _, _, bwd in counts)
+        for step, (got, want) in enumerate(zip(steps, single, strict=True)):
+            for name, g, w in zip(("loss", "dW_img", "dW_txt"), got, want, strict=True):
+                assert_rel_close(f"triton rank {rank} step {step} {name}", g.double(), w, 1e-4)
+    seen = sorted({i for batch in BATCHES for i in batch})
+    shards = [res["triton"][1] for res in results]
+    for name in single_state:
+        full = _full_state([{k: v.double() for k, v in s.items()} for s in shards], 2, name)
+        assert_rel_close(f"triton state {name}", full[:, seen], single_state[name][:, seen], 1e-4, 1e-5)
