@@ -202,6 +202,12 @@ def test_bad_construction_and_mode_arguments():
         _call(make("gcl"), b=1)
     with pytest.raises(ValueError, match="epoch"):
         make("gcl").set_epoch(-1)
+    with pytest.raises(ValueError, match="loss_fn.to"):
+        _call(make("gcl", device="meta"))
+    with pytest.raises(ValueError, match="tau_min <= tau_init"):
+        make("rgcl", tau_init=2.0)
+    with pytest.raises(ValueError, match="needs an initialized torch.distributed"):
+        _call(FastCLIPLoss(N_DATA, "gcl", rank=0, world_size=2))
 
 
 def test_eval_mode_leaves_state_unchanged():

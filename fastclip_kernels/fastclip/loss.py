@@ -236,6 +236,11 @@ class FastCLIPLoss(nn.Module):
             raise ValueError("the global batch must have at least 2 pairs")
         if self.state is None:
             return x, y, scale, None
+        if self.state.log_u.device != x.device:
+            raise ValueError(
+                f"the loss state is on {self.state.log_u.device} but the features are on {x.device}: "
+                "move the loss with loss_fn.to(device) (or pass device= when constructing it)"
+            )
         if indices is None:
             raise ValueError(f"mode={self.mode!r} needs indices: the [b] global sample indices of the batch")
         indices = check_indices("indices", indices, x.shape[0], self.state.data_size)
