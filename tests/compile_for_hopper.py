@@ -15,6 +15,7 @@ import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
@@ -23,6 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastclip_kernels.fastclip import update_kernel  # noqa: E402
 from fastclip_kernels.ops.anchor import tiled as anchor_tiled  # noqa: E402
 from fastclip_kernels.ops.pairwise import tiled  # noqa: E402
+from fastclip_kernels.optim import triton_impl as optim_triton  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
@@ -65,7 +67,11 @@ def compile_one(kernel, dtype, constexprs, num_warps, signature=None):
     return {
         "kernel": kernel.__name__,
         "dtype": dtype,
-        **{k: v for k, v in constexprs.items() if k != "INPUT_PRECISION"},
+        **{
+            k: v if isinstance(v, (bool, int, str)) else str(v)
+            for k, v in constexprs.items()
+            if k != "INPUT_PRECISION"
+        },
         "precision": constexprs.get("INPUT_PRECISION", "none"),
         "uses_dot": "INPUT_PRECISION" in constexprs,
         "wgmma": "wgmma" in compiled.asm["ptx"],
@@ -125,9 +131,39 @@ def state_update_configurations():
         yield kernel, "fp32", constexprs, 4, signature
 
 
+OPTIM_INTS = {"num_chunks"}
+
+
+def optimizer_configurations():
+    """The multi-tensor optimizer kernels (elementwise): every param dtype and flag combination."""
+    kernels = [
+        optim_triton._sq_norm_kernel, optim_triton._adamw_kernel,
+        optim_triton._lamb_stage1_kernel, optim_triton._lamb_stage2_kernel,
+    ]  # fmt: skip
+    flags = ("LR_FROM_PTR", "HAS_SCALE", "HAS_MASTER", "BIAS_CORRECTION")
+    for kernel, (name, p_dtype) in itertools.product(kernels, optim_triton._TL.items()):
+        present = [f for f in flags if f in kernel.arg_names]
+        for values in itertools.product((True, False), repeat=len(present)):
+            constexprs = dict(zip(present, values, strict=True), P_DTYPE=p_dtype, BLOCK=1024)
+            if constexprs.get("HAS_MASTER") is False and name != torch.float32:
+                continue  # low-precision params always come with fp32 masters
+            signature = {}
+            for arg in kernel.arg_names:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg.endswith("_ptr"):
+                    signature[arg] = "*i64" if arg in ("table_ptr", "chunk_ptr") else "*fp32"
+                else:
+                    signature[arg] = "i32" if arg in OPTIM_INTS else "fp32"
+            yield kernel, str(name).replace("torch.", ""), constexprs, 4, signature
+
+
 if __name__ == "__main__":
     for kernel, dtype, constexprs, num_warps in configurations():
         print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps)), flush=True)
-    for kernel, dtype, constexprs, num_warps, signature in state_update_configurations():
+    for kernel, dtype, constexprs, num_warps, signature in [
+        *state_update_configurations(),
+        *optimizer_configurations(),
+    ]:
         print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps, signature)), flush=True)
     sys.exit(0)

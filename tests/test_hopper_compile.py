@@ -42,6 +42,10 @@ def test_all_configurations_compiled(reports):
         "_anchor_stats_kernel",
         "_anchor_grad_kernel",
         "_fastclip_state_update_kernel",
+        "_sq_norm_kernel",
+        "_adamw_kernel",
+        "_lamb_stage1_kernel",
+        "_lamb_stage2_kernel",
     }
     assert {r["dtype"] for r in reports} == {"fp16", "bf16", "fp32"}
 
