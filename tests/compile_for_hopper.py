@@ -155,7 +155,8 @@ def optimizer_configurations():
                     signature[arg] = "*i64" if arg in ("table_ptr", "chunk_ptr") else "*fp32"
                 else:
                     signature[arg] = "i32" if arg in OPTIM_INTS else "fp32"
-            yield kernel, str(name).replace("torch.", ""), constexprs, 4, signature
+            short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[name]
+            yield kernel, short, constexprs, 4, signature
 
 
 if __name__ == "__main__":
