@@ -25,7 +25,7 @@ def table(rows: list[dict]) -> str:
     ]
     base = {(r["bench"], r["shape"], r["mode"]): r for r in rows if r["provider"].startswith("materialized")}
     for r in rows:
-        if not r.get("median_ms"):
+        if not r.get("median_ms") or r["bench"] == "optimizer_step":
             continue
         ref = base.get((r["bench"], r["shape"], r["mode"]), {})
         machine = (
@@ -58,6 +58,27 @@ def communication_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def optimizer_table(rows: list[dict]) -> str:
+    """Optimizer step time and achieved GB/s (traffic model: AdamW 28 B, LAMB 44 B per parameter)."""
+    lines = ["| params | provider | algorithm | median ms | GB/s | time vs torch fused AdamW | machine |"]
+    lines.append("|" + "---|" * 7)
+    base = {
+        (r["shape"], r["gpu"]): r
+        for r in rows
+        if r["bench"] == "optimizer_step" and r["provider"] == "torch-fused"
+    }
+    for r in rows:
+        if r["bench"] != "optimizer_step":
+            continue
+        ref = base.get((r["shape"], r["gpu"]), {})
+        machine = r["gpu"] if r["gpu"] != "none" else f"{r['cpu']} x{r['threads']} threads"
+        lines.append(
+            f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['median_ms']} | {r['gbps']} | "
+            f"{_ratio(r['median_ms'], ref.get('median_ms', ''))} | {machine}, torch {r['torch']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     rows = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.csv")):
@@ -68,6 +89,7 @@ def main() -> None:
     _, tail = rest.split(END, 1)
     tables = (
         f"{table(rows)}\n\nCommunication (bytes do not depend on the machine):\n\n{communication_table(rows)}"
+        f"\n\nOptimizer step:\n\n{optimizer_table(rows)}"
     )
     readme.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
 
