@@ -54,7 +54,14 @@ def _optimizer(provider, params):
     return cls(groups, lr=1e-3, impl=impl)
 
 
-CPU_PROVIDERS = ["torch-foreach", "torch-fused", "ours-reference", "lamb-reference"]
+CPU_PROVIDERS = [
+    "torch-foreach",
+    "torch-fused",
+    "ours-reference",
+    "ours-native",
+    "lamb-reference",
+    "lamb-native",
+]
 GPU_PROVIDERS = [
     "torch-foreach", "torch-fused", "ours-triton", "ours-native",
     "lamb-reference", "lamb-triton", "lamb-native", "apex-adamw", "apex-lamb",

@@ -121,9 +121,15 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             )
         scales = {}
         for device, grads in by_device.items():
-            norm = _impl_module(self.impl, device).global_grad_norm(grads)
-            self.last_grad_norm = norm
-            scales[device] = reference.clip_coefficient(norm, self.max_grad_norm)
+            fp64 = any(g.dtype == torch.float64 for g in grads)
+            impl = reference if fp64 else _impl_module(self.impl, device)
+            if hasattr(impl, "grad_norm_and_clip_coefficient"):  # native: one reduction for both
+                self.last_grad_norm, scales[device] = impl.grad_norm_and_clip_coefficient(
+                    grads, self.max_grad_norm
+                )
+            else:
+                self.last_grad_norm = impl.global_grad_norm(grads)
+                scales[device] = reference.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
         return scales
 
     @torch.no_grad()
