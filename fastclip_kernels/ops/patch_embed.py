@@ -1,0 +1,398 @@
+"""Packed patch embedding of the kept patches only (CLIPA / FLIP-style token reduction).
+
+For images [B, C, H, W], patch size P and a grid of gh x gw = (H/P) x (W/P) patches, each kept
+patch n = y * gw + x of image b becomes one token
+
+    token = W @ vec(images[b, :, yP:(y+1)P, xP:(x+1)P]) + bias + pos[1 + n]        [D]
+
+where W [D, C*P*P] is nn.Conv2d(C, D, P, P)'s weight flattened in (c, ky, kx) order. Each image's
+sequence is its class token ``cls + pos[0]`` followed by its kept patches in the given order; the
+sequences are packed back to back into tokens [T, D] (T = B + number of kept patches, no padding)
+described by cu_seqlens [B+1] int32 (sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]).
+
+Gradients (the ``autograd.Function``; images get **no** gradient on the Triton path):
+    dW = dP^T @ patches   (patches re-gathered from the images in the backward, not saved)
+    dbias = sum_t dP_t,   dpos[1 + n] = sum of dP_t over the tokens of patch n,
+    dcls = dpos[0] = sum_b dtokens[cu_seqlens[b]]
+with dP the patch rows of dtokens.
+
+Backends: ``triton`` (one gather-GEMM kernel, ``_patch_embed_kernels.py``: pixels are read straight
+from the image tensor, no unfold copy) and ``reference`` (gather + matmul in PyTorch: CPU, fp64,
+ground truth; it also propagates gradients to the images). ``auto`` picks Triton on CUDA.
+
+Position embeddings: :func:`pos_embed_2d_sincos` computes the fixed 2D sin-cos table for any grid,
+:func:`interpolate_pos_embed` resizes a learned table (bicubic, class row kept) for fine-tuning at
+full resolution after short-token pre-training.
+"""
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validation
+
+BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DPOS_CHUNK = 1 << 16  # tokens per fp32 scatter-add chunk in the backward (bounds the fp32 copy)
+
+
+class PackedTokens(NamedTuple):
+    """tokens [T, D]; cu_seqlens [B+1] int32 (device); max_seqlen: host int, an upper bound."""
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def _kernels():
+    try:
+        from . import _patch_embed_kernels
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "backend='triton' needs Triton: pip install triton (or backend='reference')"
+        ) from err
+    return _patch_embed_kernels
+
+
+# ----------------------------------------------------------------------------------------------
+# Position embeddings
+# ----------------------------------------------------------------------------------------------
+
+
+def pos_embed_2d_sincos(
+    grid_h: int,
+    grid_w: int,
+    dim: int,
+    *,
+    cls_token=True,
+    temperature=10000.0,
+    dtype=torch.float32,
+    device=None,
+):
+    """Fixed 2D sin-cos position embedding (MAE / CLIPA ``sin_cos_2d``) for any grid.
+
+    Patch n = y * grid_w + x gets [sin(x w), cos(x w), sin(y w), cos(y w)], w_i = temperature^(-i/(dim/4)),
+    i < dim/4. Returns [1 + grid_h*grid_w, dim] with a zero class row first (``cls_token=True``),
+    else [grid_h*grid_w, dim]. Computed in fp64, returned in ``dtype``.
+
+    >>> pos_embed_2d_sincos(14, 14, 768).shape
+    torch.Size([197, 768])
+    """
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4 for the 2D sin-cos embedding, got {dim}")
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"grid must be at least 1x1, got {grid_h}x{grid_w}")
+    omega = temperature ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y, x = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    ax, ay = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+    emb = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
+    if cls_token:
+        emb = torch.cat([emb.new_zeros(1, dim), emb])
+    return emb.to(dtype=dtype, device=device)
+
+
+def interpolate_pos_embed(pos, new_grid, old_grid=None, *, antialias=False):
+    """Resize a learned position table [1 + gh*gw, D] to new_grid (gh', gw'): bicubic on the grid
+    (align_corners=False, in fp32 or fp64), class row 0 kept. Identity when the grid is unchanged.
+
+    old_grid defaults to the square grid of the table. Returns [1 + gh'*gw', D] in pos's dtype.
+
+    >>> interpolate_pos_embed(torch.randn(1 + 4 * 4, 32), (7, 7)).shape
+    torch.Size([50, 32])
+    """
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] < 2:
+        raise ValueError(f"pos must be a [1 + gh*gw, D] tensor, got {getattr(pos, 'shape', type(pos))}")
+    n = pos.shape[0] - 1
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"pos has {n} patch rows, not a square grid: pass old_grid=(gh, gw)")
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(
+            f"old_grid {old_grid} has {old_grid[0] * old_grid[1]} cells but pos has {n} patch rows"
+        )
+    if min(new_grid) < 1 or len(new_grid) != 2:
+        raise ValueError(f"new_grid must be two positive ints (gh, gw), got {new_grid}")
+    if new_grid == old_grid:
+        return pos.clone()
+    work = torch.float64 if pos.dtype == torch.float64 else torch.float32
+    grid = pos[1:].to(work).reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=antialias)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout of the kept patches and the PyTorch reference
+# ----------------------------------------------------------------------------------------------
+
+
+def gather_patches(images, idx, batch, patch_size: int):
+    """[T_p, C*P*P] pixels of patch idx[t] of image batch[t], (c, ky, kx) order (a strided view
+    is indexed: only the kept patches are copied)."""
+    B, C, H, W = images.shape
+    P = patch_size
+    grid_w = W // P
+    view = images.unflatten(2, (H // P, P)).unflatten(4, (grid_w, P)).permute(0, 2, 4, 1, 3, 5)
+    return view[batch.long(), idx // grid_w, idx % grid_w].reshape(idx.shape[0], C * P * P)
+
+
+def patch_embed_ref(images, weight, bias, pos, cls, idx, batch, cu_seqlens):
+    """PyTorch reference in weight's dtype: gather + matmul + bias + pos, class tokens in front.
+
+    weight [D, C*P*P]; idx/batch [T_p] as :func:`patch_layout`; cu_seqlens [B+1] token offsets.
+    Differentiable in every floating input (images included). Returns tokens [T, D].
+    """
+    D, K = weight.shape
+    P = math.isqrt(K // images.shape[1])
+    dtype = weight.dtype
+    x = gather_patches(images, idx, batch, P).to(dtype) @ weight.T + pos[1 + idx].to(dtype)
+    if bias is not None:
+        x = x + bias.to(dtype)
+    B, T_p = cu_seqlens.shape[0] - 1, idx.shape[0]
+    rows = torch.arange(T_p, device=idx.device) + batch.long() + 1
+    out = x.new_zeros(T_p + B, D).index_copy(0, rows, x)
+    cls_rows = cu_seqlens[:-1].long()
+    return out.index_copy(0, cls_rows, (cls.to(dtype) + pos[0].to(dtype)).expand(B, D))
+
+
+def _check_cu_seqlens(cu, B: int, T_p: int, max_keep):
+    if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got {getattr(cu, 'dtype', type(cu))}")
+    if cu.shape != (B + 1,):
+        raise ValueError(f"cu_seqlens must have shape ({B + 1},) for {B} images, got {tuple(cu.shape)}")
+    if not _validation.index_checks_enabled(cu):
+        return
+    lengths = cu.diff()
+    if int(cu[0]) != 0 or int(cu[-1]) != T_p or bool((lengths < 0).any()):
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to len(keep_idx) = {T_p}, got {cu.tolist()[:8]}... (last {int(cu[-1])})"
+        )
+    if max_keep is not None and int(lengths.max()) > max_keep:
+        raise ValueError(f"max_keep={max_keep} is below the longest sequence ({int(lengths.max())} patches)")
+
+
+def patch_layout(keep_idx, num_images: int, num_patches: int, device, cu_seqlens=None, max_keep=None):
+    """(idx [T_p] int64, batch [T_p] int32, token cu_seqlens [B+1] int32, max_seqlen) of the kept
+    patches, all computed on ``device`` without reading it back.
+
+    keep_idx: None (every patch), [B, k] ints (k patches per image), or [T_p] ints packed image by
+    image with ``cu_seqlens`` [B+1] (host or device) of the patch counts. ``max_seqlen`` is
+    1 + max_keep, max_keep from the host: given, k, read from a CPU cu_seqlens, else num_patches.
+    """
+    B, N = num_images, num_patches
+    if max_keep is not None and (isinstance(max_keep, bool) or not isinstance(max_keep, int) or max_keep < 0):
+        raise TypeError(f"max_keep must be a host int >= 0 (never a device value), got {max_keep!r}")
+    if keep_idx is None:
+        idx = torch.arange(N, device=device).repeat(B)
+        cu_p, max_keep = torch.arange(B + 1, device=device, dtype=torch.int32) * N, N
+    else:
+        if not isinstance(keep_idx, torch.Tensor) or keep_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                f"keep_idx must be an int64 (or int32) tensor, got {getattr(keep_idx, 'dtype', keep_idx)}"
+            )
+        if keep_idx.device != torch.device(device):
+            raise ValueError(f"keep_idx is on {keep_idx.device}, expected {device} (as images)")
+        if keep_idx.dim() == 2:
+            if keep_idx.shape[0] != B or cu_seqlens is not None:
+                raise ValueError(
+                    f"keep_idx [B, k] must have B = {B} rows (and no cu_seqlens), got {tuple(keep_idx.shape)}"
+                )
+            k = keep_idx.shape[1]
+            idx, max_keep = keep_idx.reshape(-1), k
+            cu_p = torch.arange(B + 1, device=device, dtype=torch.int32) * k
+        elif keep_idx.dim() == 1:
+            if cu_seqlens is None:
+                raise ValueError("packed keep_idx [T_p] needs cu_seqlens [B+1] of the per-image patch counts")
+            _check_cu_seqlens(cu_seqlens, B, keep_idx.shape[0], max_keep)
+            if max_keep is None:
+                max_keep = int(cu_seqlens.diff().max()) if cu_seqlens.device.type == "cpu" and B else N
+            idx = keep_idx
+            cu_p = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
+        else:
+            raise ValueError(f"keep_idx must be [B, k] or packed [T_p], got shape {tuple(keep_idx.shape)}")
+        if (
+            _validation.index_checks_enabled(idx)
+            and idx.numel()
+            and (int(idx.min()) < 0 or int(idx.max()) >= N)
+        ):
+            raise ValueError(
+                f"keep_idx must hold patch indices in [0, {N}), got min {int(idx.min())}, max {int(idx.max())}"
+            )
+    idx = idx.to(torch.int64).contiguous()
+    T_p = idx.shape[0]
+    steps = torch.arange(T_p, device=device, dtype=torch.int32)
+    batch = torch.searchsorted(cu_p[1:].contiguous(), steps, right=True).to(torch.int32)
+    cu_tokens = cu_p + torch.arange(B + 1, device=device, dtype=torch.int32)
+    return idx, batch, cu_tokens, 1 + int(max_keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd.Function (Triton forward; PyTorch backward) and the public function
+# ----------------------------------------------------------------------------------------------
+
+
+class PatchEmbedFunction(torch.autograd.Function):
+    """tokens [T, D] from the Triton gather-GEMM. Saves the images (as nn.Conv2d would) but no
+    [T_p, C*P*P] patch matrix: the backward re-gathers the kept pixels for dW. No image gradient."""
+
+    @staticmethod
+    def forward(ctx, images, weight, bias, pos, cls, idx, batch, cls_rows, patch_size: int):
+        T = idx.shape[0] + cls_rows.shape[0]
+        out = _kernels().patch_embed_fwd(images, weight, bias, pos, idx, batch, T, patch_size)
+        out[cls_rows] = (cls.float() + pos[0].float()).to(out.dtype)
+        ctx.save_for_backward(images, idx, batch, cls_rows)
+        ctx.patch_size, ctx.pos_shape = patch_size, pos.shape
+        ctx.dtypes = (weight.dtype, pos.dtype, cls.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        images, idx, batch, cls_rows = ctx.saved_tensors
+        w_dtype, pos_dtype, cls_dtype = ctx.dtypes
+        _, need_w, need_b, need_pos, need_cls = ctx.needs_input_grad[:5]
+        acc = torch.float64 if w_dtype == torch.float64 else torch.float32
+        T_p = idx.shape[0]
+        dpatch = dout[torch.arange(T_p, device=dout.device) + batch.long() + 1]
+        dw = db = dpos = dcls = None
+        if need_w:
+            patches = gather_patches(images, idx, batch, ctx.patch_size).to(w_dtype)
+            dw = dpatch.to(w_dtype).T @ patches
+        if need_b:
+            db = dpatch.sum(0, dtype=acc).to(w_dtype)
+        dcls_sum = dout[cls_rows].sum(0, dtype=acc)
+        if need_pos:
+            dpos = torch.zeros(ctx.pos_shape, device=dout.device, dtype=acc)
+            # Host loop (sizes are known, no sync); index_add_ uses atomics on CUDA (not bitwise
+            # deterministic), in fp32, so the low-precision rounding happens once at the end.
+            for s in range(0, T_p, _DPOS_CHUNK):
+                dpos.index_add_(0, idx[s : s + _DPOS_CHUNK] + 1, dpatch[s : s + _DPOS_CHUNK].to(acc))
+            dpos[0] += dcls_sum
+            dpos = dpos.to(pos_dtype)
+        if need_cls:
+            dcls = dcls_sum.to(cls_dtype)
+        return None, dw, db, dpos, dcls, None, None, None, None
+
+
+def resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> str:
+    """'triton' or 'reference' for a compute dtype; 'auto' picks Triton on CUDA for fp16/bf16/fp32."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda" or dtype not in _TRITON_DTYPES:
+            return "reference"
+        try:
+            _kernels()
+        except RuntimeError:  # no Triton: the PyTorch path
+            return "reference"
+        return "triton"
+    if backend == "triton":
+        if dtype not in _TRITON_DTYPES:
+            raise ValueError(f"backend='triton' computes in {_TRITON_DTYPES}, got weight of {dtype}")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' on CPU needs TRITON_INTERPRET=1 set before import (or 'reference')"
+            )
+    return backend
+
+
+def _check_params(images, weight, bias, pos, cls, patch_size):
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(
+            f"images must be a floating [B, C, H, W] tensor, got {getattr(images, 'shape', images)}"
+        )
+    if weight.dim() == 4:
+        if weight.shape[2] != weight.shape[3] or (patch_size not in (None, weight.shape[2])):
+            raise ValueError(
+                f"conv weight must be [D, C, P, P] with P = patch_size, got {tuple(weight.shape)}"
+            )
+        patch_size = weight.shape[2]
+        weight = weight.reshape(weight.shape[0], -1)
+    elif weight.dim() != 2 or patch_size is None:
+        raise ValueError("weight must be a conv weight [D, C, P, P], or [D, C*P*P] with patch_size=P")
+    B, C, H, W = images.shape
+    D, P = weight.shape[0], patch_size
+    if weight.shape[1] != C * P * P:
+        raise ValueError(
+            f"weight has {weight.shape[1]} inputs per feature, images with C={C}, P={P} need {C * P * P}"
+        )
+    if H % P or W % P:
+        raise ValueError(f"images are {H}x{W}, not a multiple of patch_size {P}")
+    grid = (H // P, W // P)
+    if pos.dim() != 2 or pos.shape != (1 + grid[0] * grid[1], D):
+        raise ValueError(
+            f"images of {H}x{W} with patch {P} make a {grid[0]}x{grid[1]} grid: pos must be "
+            f"[{1 + grid[0] * grid[1]}, {D}], got {tuple(pos.shape)} (resize it with interpolate_pos_embed)"
+        )
+    for name, t, shape in (("bias", bias, (D,)), ("cls", cls, (D,))):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("pos", pos), ("cls", cls)):
+        if t is not None and t.device != images.device:
+            raise ValueError(f"{name} is on {t.device}, expected {images.device} (as images)")
+    return weight, P, grid
+
+
+def patch_embed(
+    images,
+    weight,
+    bias,
+    pos,
+    cls,
+    keep_idx=None,
+    *,
+    cu_seqlens=None,
+    max_keep=None,
+    patch_size=None,
+    backend="auto",
+) -> PackedTokens:
+    """Packed tokens of the kept patches with class tokens in front, without any padding.
+
+    Args:
+        images: [B, C, H, W] float tensor (any float dtype, NCHW or channels-last). No gradient
+            on the Triton path (a ValueError if it requires one); the reference path gives one.
+        weight: [D, C, P, P] conv weight (or [D, C*P*P] with ``patch_size``); its dtype (or the
+            autocast dtype) is the compute and output dtype. bias: [D] or None.
+        pos: [1 + gh*gw, D] position table (row 0: class), gh x gw = (H/P) x (W/P);
+            see :func:`pos_embed_2d_sincos` and :func:`interpolate_pos_embed`.  cls: [D] class token.
+        keep_idx: None (all patches), [B, k] patch indices in [0, gh*gw), or packed [T_p] with
+            ``cu_seqlens`` [B+1] (int32/int64, host or device) of the per-image counts.
+        max_keep: host int bound on the per-image count (packed form; default from a CPU
+            cu_seqlens, else gh*gw). Never read back from the device.
+    Returns:
+        PackedTokens(tokens [T, D], cu_seqlens [B+1] int32, max_seqlen int), T = B + T_p, token
+        cu_seqlens[b] is image b's class token; its patches follow in keep_idx order.
+
+    >>> img, w = torch.randn(2, 3, 32, 32), torch.randn(64, 3, 8, 8)
+    >>> out = patch_embed(img, w, None, pos_embed_2d_sincos(4, 4, 64), torch.zeros(64),
+    ...                   torch.tensor([[0, 5, 9], [1, 2, 15]]))
+    >>> out.tokens.shape, out.cu_seqlens.tolist(), out.max_seqlen
+    (torch.Size([8, 64]), [0, 4, 8], 4)
+    """
+    weight2d, P, grid = _check_params(images, weight, bias, pos, cls, patch_size)
+    dev = images.device
+    idx, batch, cu_tokens, max_seqlen = patch_layout(
+        keep_idx, images.shape[0], grid[0] * grid[1], dev, cu_seqlens, max_keep
+    )
+    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight2d.dtype
+    backend = resolve_backend(backend, dtype, dev)
+    weight2d = weight2d.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    if backend == "reference":
+        tokens = patch_embed_ref(images, weight2d, bias, pos, cls, idx, batch, cu_tokens)
+        return PackedTokens(tokens, cu_tokens, max_seqlen)
+    if images.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "images require grad, but the Triton patch embedding gives them none: use backend='reference'"
+        )
+    tokens = PatchEmbedFunction.apply(
+        images, weight2d.contiguous(), bias, pos if pos.stride(1) == 1 else pos.contiguous(), cls,
+        idx, batch, cu_tokens[:-1].long(), P,
+    )  # fmt: skip
+    return PackedTokens(tokens, cu_tokens, max_seqlen)
