@@ -162,9 +162,15 @@ def optimizer_configurations():
 if __name__ == "__main__":
     for kernel, dtype, constexprs, num_warps in configurations():
         print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps)), flush=True)
+    sys.path.insert(0, os.path.dirname(__file__))
+    import hopper_attention  # noqa: E402
+    import hopper_patch_embed  # noqa: E402
+
     for kernel, dtype, constexprs, num_warps, signature in [
         *state_update_configurations(),
         *optimizer_configurations(),
+        *hopper_patch_embed.configurations(),
+        *hopper_attention.configurations(),
     ]:
         print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps, signature)), flush=True)
     sys.exit(0)

@@ -33,6 +33,17 @@ def reports():
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+# Kernels without a tl.dot (no tensor cores expected).
+ELEMENTWISE = {
+    "_fastclip_state_update_kernel",
+    "_sq_norm_kernel",
+    "_adamw_kernel",
+    "_lamb_stage1_kernel",
+    "_lamb_stage2_kernel",
+    "_varlen_attention_bwd_preprocess_kernel",
+}
+
+
 def test_all_configurations_compiled(reports):
     kernels = {r["kernel"] for r in reports}
     assert kernels == {
@@ -46,12 +57,17 @@ def test_all_configurations_compiled(reports):
         "_adamw_kernel",
         "_lamb_stage1_kernel",
         "_lamb_stage2_kernel",
+        "_patch_embed_fwd_kernel",
+        "_varlen_attention_fwd_kernel",
+        "_varlen_attention_bwd_preprocess_kernel",
+        "_varlen_attention_bwd_dkdv_kernel",
+        "_varlen_attention_bwd_dq_kernel",
     }
     assert {r["dtype"] for r in reports} == {"fp16", "bf16", "fp32"}
 
 
 def test_tensor_cores_no_spills_smem_fits(reports):
     for r in reports:
-        assert r["wgmma"] or not r["uses_dot"], f"no wgmma in {r}"
+        assert r["wgmma"] or r["kernel"] in ELEMENTWISE, f"no wgmma in {r}"
         assert r["spill_bytes"] == 0, f"register spills in {r}"
         assert r["shared_bytes"] <= SMEM_LIMIT, f"shared memory over {SMEM_LIMIT} in {r}"
