@@ -217,3 +217,18 @@ def test_no_host_reads(monkeypatch):
     with HostReads() as reads:
         (vit(images, keep, cu_seqlens=cu, max_keep=4).sum() + text(ids, cu_t, max_seqlen=5).sum()).backward()
     assert reads.ops == []
+
+
+def test_padded_text_pools_the_eot_not_the_padding():
+    """Without lengths, CPU ids are trimmed at the last non-pad token (CLIP pads with 0 after EOT),
+    so the pooled row is the EOT; an explicit max_seqlen below the longest caption is refused."""
+    from fastclip_kernels.models import PackedTextTransformer
+
+    torch.manual_seed(0)
+    model = PackedTextTransformer(50, 12, 16, 1, 2, 8, attn_backend="reference").double()
+    ids = torch.tensor([[1, 5, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0]])
+    want = model(ids, lengths=[4, 3])
+    assert torch.allclose(model(ids), want, rtol=0, atol=0)
+    assert not torch.allclose(model(ids, lengths=[6, 6]), want)
+    with pytest.raises(ValueError, match="below the longest caption"):
+        model(ids, lengths=[4, 3], max_seqlen=3)

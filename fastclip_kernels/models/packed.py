@@ -220,11 +220,16 @@ class PackedTextTransformer(nn.Module):
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def _pack_padded(self, ids, lengths, max_seqlen):
-        from ..tokens.text import pack
+        from ..tokens.text import lengths_from_pad, pack
 
         B, L = ids.shape
         if lengths is None:
-            lengths = [L] * B
+            if ids.device.type != "cpu":
+                raise ValueError(
+                    "padded ids on a device need host lengths= (the EOT position of each caption); "
+                    "deriving them from the padding would read the ids back to the host"
+                )
+            lengths = lengths_from_pad(ids)  # CLIP pads with 0 after EOT: pool the EOT, not a pad
         if isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu":
             raise TypeError(
                 "lengths must be host ints (a list or a CPU tensor): the packed size is needed on the host; "
@@ -233,6 +238,8 @@ class PackedTextTransformer(nn.Module):
         lengths = torch.as_tensor(lengths, dtype=torch.int64)
         if lengths.shape != (B,) or (B and (int(lengths.min()) < 1 or int(lengths.max()) > L)):
             raise ValueError(f"lengths must be {B} ints in [1, {L}], got {lengths.tolist()}")
+        if max_seqlen is not None and max_seqlen < int(lengths.max()):
+            raise ValueError(f"max_seqlen={max_seqlen} is below the longest caption ({int(lengths.max())})")
         packed, cu = pack(ids, lengths.to(ids.device, non_blocking=True), total=int(lengths.sum()))
         return packed, cu, max_seqlen if max_seqlen is not None else int(lengths.max())
 
@@ -263,7 +270,8 @@ class PackedTextTransformer(nn.Module):
 
         Packed: ids [T] int64 with cu_seqlens [B+1] (int32 on ids' device, or a CPU tensor that is
         checked and copied) and ``max_seqlen`` (host int >= the longest caption). Padded: ids
-        [B, L] with host ``lengths`` (list or CPU tensor; default all L); padding is dropped.
+        [B, L] with host ``lengths`` (list or CPU tensor; default for CPU ids: one past the last
+        non-pad token, i.e. the EOT of CLIP-tokenized captions); padding is dropped.
         Positions restart at 0 in every caption; the last token of each caption is pooled.
         """
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):

@@ -72,7 +72,8 @@ def pos_embed_2d_sincos(
     dtype=torch.float32,
     device=None,
 ):
-    """Fixed 2D sin-cos position embedding (MAE / CLIPA ``sin_cos_2d``) for any grid.
+    """Fixed 2D sin-cos position embedding (MAE's layout: omega_i = T^(-i / (D/4)); big_vision's
+    ``posemb_sincos_2d``, used by CLIPA's JAX code, divides by D/4 - 1 instead) for any grid.
 
     Patch n = y * grid_w + x gets [sin(x w), cos(x w), sin(y w), cos(y w)], w_i = temperature^(-i/(dim/4)),
     i < dim/4. Returns [1 + grid_h*grid_w, dim] with a zero class row first (``cls_token=True``),
@@ -96,9 +97,10 @@ def pos_embed_2d_sincos(
     return emb.to(dtype=dtype, device=device)
 
 
-def interpolate_pos_embed(pos, new_grid, old_grid=None, *, antialias=False):
+def interpolate_pos_embed(pos, new_grid, old_grid=None, *, antialias=True):
     """Resize a learned position table [1 + gh*gw, D] to new_grid (gh', gw'): bicubic on the grid
-    (align_corners=False, in fp32 or fp64), class row 0 kept. Identity when the grid is unchanged.
+    (align_corners=False, antialiased when shrinking, as open_clip / timm; in fp32 or fp64), class
+    row 0 kept. Identity when the grid is unchanged.
 
     old_grid defaults to the square grid of the table. Returns [1 + gh'*gw', D] in pos's dtype.
 
