@@ -1,0 +1,1 @@
+"""Reference CLIP training loop built on fastclip_kernels (the library never imports this package)."""
