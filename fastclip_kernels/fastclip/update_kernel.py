@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .update import U_RESET_BELOW, UpdateConfig
+from .update import U_RESET_BELOW, UpdateConfig, _log
 
 
 @triton.jit
@@ -75,10 +75,6 @@ def _fastclip_state_update_kernel(
             tl.store(exp_avg_ptr + slot, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=owned)
             tl.store(exp_avg_sq_ptr + slot, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=owned)
             tl.store(tau_state_ptr + slot, tau_new.to(tau_state_ptr.dtype.element_ty), mask=owned)
-
-
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf
 
 
 BLOCK = 1024
