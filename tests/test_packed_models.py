@@ -232,3 +232,39 @@ def test_padded_text_pools_the_eot_not_the_padding():
     assert not torch.allclose(model(ids, lengths=[6, 6]), want)
     with pytest.raises(ValueError, match="below the longest caption"):
         model(ids, lengths=[4, 3], max_seqlen=3)
+
+
+@pytest.mark.parametrize("tower", ["vit", "text"])
+def test_grad_checkpointing_gives_the_same_output_and_gradients(tower, monkeypatch):
+    """Recomputing blocks in backward changes memory, not math: fp64 output and every parameter's
+    gradient equal the stored-activation run; under no_grad nothing is checkpointed."""
+    torch.manual_seed(0)
+    if tower == "vit":
+        model = PackedViT(**VIT, attn_backend="reference").double()
+        args, kw = (
+            (torch.randn(3, 3, 32, 32, dtype=torch.float64), KEEPS["varlen_1_16_6"][0]),
+            {"cu_seqlens": KEEPS["varlen_1_16_6"][1]},
+        )
+    else:
+        model = PackedTextTransformer(**TEXT, attn_backend="reference").double()
+        args, kw = (torch.randint(0, TEXT["vocab_size"], (3, 12)),), {"lengths": [5, 12, 1]}
+    runs = []
+    for enable in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(enable)
+        out = model(*args, **kw)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert model.transformer.grad_checkpointing
+    assert_rel_close("output", runs[1][0], runs[0][0], rtol=RTOL)
+    for name, grad in runs[0][1].items():
+        assert_rel_close(f"d{name}", runs[1][1][name], grad, rtol=RTOL)
+    import fastclip_kernels.models.packed as packed_mod
+
+    calls, real = [], packed_mod.checkpoint
+    monkeypatch.setattr(packed_mod, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        model(*args, **kw)
+    assert not calls, "checkpointing under no_grad"
+    model(*args, **kw)
+    assert len(calls) == model.transformer.layers

@@ -67,7 +67,12 @@ def _loss(cfg, loss_fn, model, img, txt, indices):
 
 
 def evaluate(cfg, model, tok, sets, device):
-    metrics = {}
+    """Zero-shot and retrieval metrics at the model's current resolution (CLIPA stage 1 evaluates at
+    the reduced size when the resize strategy is on). ``sets``: a cache {image size: eval sets}."""
+    size = model.visual.image_size[0]
+    if size not in sets:
+        sets[size] = build.eval_sets(cfg, size)
+    sets, metrics = sets[size], {}
     if sets["zero_shot"] is not None:
         ds, classes, templates = sets["zero_shot"]
         dl = build.loader(ds, cfg.eval_batch_size)
@@ -126,7 +131,7 @@ def train(cfg, stop_at: int | None = None) -> dict:
         opt.load_state_dict(state["optimizer"])
         loss_fn.load_state_dict(state["loss"])
     log, eval_log = CSVLog(os.path.join(run_dir, "log.csv")), CSVLog(os.path.join(run_dir, "eval.csv"))
-    sets = build.eval_sets(cfg, cfg.data_image_size)
+    sets = {}
     patch = cfg.model_dims()["patch_size"]
     tic, seen = time.perf_counter(), 0
     while step < total:

@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import _validation
 from ..ops.patch_embed import interpolate_pos_embed, patch_embed, pos_embed_2d_sincos
@@ -82,14 +83,23 @@ class PackedResidualBlock(nn.Module):
 
 
 class PackedTransformer(nn.Module):
+    """``layers`` pre-LN blocks on packed tokens [T, D]. With ``grad_checkpointing`` on (and grad
+    enabled) each block's activations are recomputed in backward (``torch.utils.checkpoint``, non-
+    reentrant): memory per block drops to its input [T, D], at the cost of a second forward."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.width, self.layers = width, layers
+        self.grad_checkpointing = False
         self.resblocks = nn.ModuleList(PackedResidualBlock(width, heads, mlp_ratio) for _ in range(layers))
 
     def forward(self, x, cu_seqlens, max_seqlen: int, causal: bool = False, backend: str = "auto"):
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.resblocks:
-            x = block(x, cu_seqlens, max_seqlen, causal, backend)
+            if recompute:
+                x = checkpoint(block, x, cu_seqlens, max_seqlen, causal, backend, use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens, max_seqlen, causal, backend)
         return x
 
 
@@ -171,6 +181,10 @@ class PackedViT(nn.Module):
         return self.ln_post(pooled) @ self.proj
 
     @torch.no_grad()
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block in backward (open_clip's method name)."""
+        self.transformer.grad_checkpointing = bool(enable)
+
     def resize_pos_embed(self, new_image_size, *, learnable: bool | None = None):
         """Change the input resolution (e.g. full-resolution fine-tuning after low-resolution /
         few-token pre-training). Learned tables are interpolated bicubically (class row kept);
@@ -218,6 +232,10 @@ class PackedTextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block in backward (open_clip's method name)."""
+        self.transformer.grad_checkpointing = bool(enable)
 
     def _pack_padded(self, ids, lengths, max_seqlen):
         from ..tokens.text import lengths_from_pad, pack
