@@ -84,14 +84,14 @@ def _resume_case(tmp_path, mode):
 
 def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, "--train.max_steps", "6", "--ckpt.every_steps", "2")
-    real, calls = train._loss, []
+    real, calls = train.loss_of, []
 
     def poisoned(cfg, loss_fn, model, img, txt, indices):
         calls.append(1)
         out = real(cfg, loss_fn, model, img, txt, indices)
         return out * float("nan") if len(calls) >= 3 else out
 
-    monkeypatch.setattr(train, "_loss", poisoned)
+    monkeypatch.setattr(train, "loss_of", poisoned)
     with pytest.raises(train.NonFiniteLoss, match="at step 3"):
         train.train(cfg)
     state = checkpoint.load(os.path.join(cfg.output_path, "latest.pt"))

@@ -15,6 +15,7 @@ from fastclip_kernels.optim import FusedAdamW, FusedLAMB
 
 from .data.captions import LaCLIPSampler, VeCLIPMixer, WithCaptionChoice
 from .data.datasets import CaptionFolderDataset, ImageFolderClasses, ImageTransform, SkipCorrupt, normalize
+from .data.stream import ShardStream, expand_urls
 from .data.synthetic import SyntheticScenes, SyntheticZeroShot
 from .model import param_groups
 from .tokenizer import CaptionTokenizer
@@ -44,13 +45,42 @@ def train_dataset(cfg, image_size):
         table, images, split = _flickr_paths(cfg, "train")
         ds = CaptionFolderDataset(table, images, split, transform=ImageTransform(image_size, train=True))
         captions = [c for caps in ds.captions for c in caps] if hasattr(ds, "captions") else []
-    else:
-        raise NotImplementedError(f"data.kind={cfg.data_kind!r} is not wired into the training loop yet")
-    if cfg.data_caption_sampling == "laclip":
-        ds = WithCaptionChoice(ds, LaCLIPSampler(cfg.run_seed))
-    elif cfg.data_caption_sampling == "veclip":
-        ds = WithCaptionChoice(ds, VeCLIPMixer(cfg.data_veclip_p, cfg.run_seed))
+    else:  # shards: the stream is built per rank by ``shard_stream``; captions from the first shard
+        ds, captions = None, _shard_captions(cfg)
+    choose = _caption_choice(cfg)
+    if ds is not None and choose is not None:
+        ds = WithCaptionChoice(ds, choose)
     return ds, captions
+
+
+def _caption_choice(cfg):
+    if cfg.data_caption_sampling == "laclip":
+        return LaCLIPSampler(cfg.run_seed)
+    if cfg.data_caption_sampling == "veclip":
+        return VeCLIPMixer(cfg.data_veclip_p, cfg.run_seed)
+    return None
+
+
+def _shard_captions(cfg, limit=100_000):
+    """Captions of the first shards (up to ``limit``) to train the tokenizer on."""
+    import itertools
+    import json
+
+    import webdataset as wds
+
+    urls = [{"url": u} for u in expand_urls(cfg.resolve(cfg.data_path))]
+    out = []
+    for sample in itertools.islice(wds.tarfile_samples(iter(urls), handler=wds.warn_and_continue), limit):
+        meta = json.loads(sample["json"]) if "json" in sample else None
+        out += meta["captions"] if meta else [sample.get("txt", b"").decode("utf-8")]
+    return out
+
+
+def shard_stream(cfg, rank, world_size, local_batch, image_size):
+    return ShardStream(
+        cfg.resolve(cfg.data_path), rank=rank, world_size=world_size, seed=cfg.run_seed, batch_size=local_batch,
+        transform=ImageTransform(image_size, train=True), caption_choice=_caption_choice(cfg),
+    )  # fmt: skip
 
 
 def eval_sets(cfg, image_size):
@@ -91,21 +121,25 @@ def tokenizer(cfg, captions, run_dir):
     return tok
 
 
-def loss_fn(cfg, data_size, device):
+def loss_fn(cfg, data_size, device, rank=0, world_size=1):
+    """The loss of ``loss.mode`` for this rank. With K > 1 ranks CLIP uses FastCLIP's low-communication
+    gather (global loss, no collective in backward); SigLIP supports one process only."""
     if cfg.loss_mode == "clip":
-        return FastContrastiveLoss()
+        if world_size == 1:
+            return FastContrastiveLoss()
+        return FastContrastiveLoss(rank=rank, world_size=world_size, low_comm=True)
     if cfg.loss_mode == "siglip":
         return FastSigLipLoss()
     return FastCLIPLoss(
-        data_size, cfg.loss_mode, gamma_min=cfg.loss_gamma_min, gamma_decay_epochs=cfg.loss_gamma_decay_epochs,
-        eps=cfg.loss_eps, rho=cfg.loss_rho, tau_init=cfg.loss_temperature, lr_tau=cfg.loss_lr_tau,
-        betas=tuple(cfg.optim_betas), device=device,
+        data_size, cfg.loss_mode, rank=rank, world_size=world_size, gamma_min=cfg.loss_gamma_min,
+        gamma_decay_epochs=cfg.loss_gamma_decay_epochs, eps=cfg.loss_eps, rho=cfg.loss_rho,
+        tau_init=cfg.loss_temperature, lr_tau=cfg.loss_lr_tau, betas=tuple(cfg.optim_betas), device=device,
     )  # fmt: skip
 
 
 def optimizer(cfg, model):
-    if cfg.loss_mode == "gcl":
-        model.temperature.theta.requires_grad_(False)  # GCL: constant temperature
+    if cfg.loss_mode in ("gcl", "rgcl"):  # constant (gcl) or per-sample in the loss state (rgcl)
+        model.temperature.theta.requires_grad_(False)
     lr_tau = cfg.loss_lr_tau if cfg.loss_mode == "rgcl_g" else None
     groups = param_groups(model, cfg.optim_weight_decay, lr_tau=lr_tau)
     cls = FusedAdamW if cfg.optim_name == "adamw" else FusedLAMB
@@ -113,10 +147,10 @@ def optimizer(cfg, model):
     return cls(groups, lr=cfg.optim_lr, betas=tuple(cfg.optim_betas), eps=cfg.optim_eps, max_grad_norm=clip)
 
 
-def lr_at(cfg, step, total_steps, peak=None):
-    """Linear warmup to the peak, then cosine to ``optim.min_lr`` at ``total_steps``."""
+def lr_at(cfg, step, total_steps, peak=None, warmup=None):
+    """Linear warmup (``optim.warmup_steps``) to the peak, then cosine to ``optim.min_lr`` at ``total_steps``."""
     peak = cfg.optim_lr if peak is None else peak
-    warmup = min(cfg.optim_warmup_steps, max(total_steps - 1, 0))
+    warmup = min(cfg.optim_warmup_steps if warmup is None else warmup, max(total_steps - 1, 0))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)

@@ -1,0 +1,88 @@
+"""Processes of a run: one process (CPU or one GPU), or ``torchrun`` ranks with DDP.
+
+``torchrun --nproc_per_node K -m training.train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; ``setup``
+then opens the default process group (NCCL on GPU, gloo on CPU) and gives each rank its device
+(``cuda:LOCAL_RANK``). When a group is already open (tests, or a caller's own launcher) it is used
+as is and left open. Rank 0 logs, evaluates and writes checkpoints; the other ranks send it their
+share of the state that is not replicated (FastCLIP's u / tau shard, RNG states) with one
+``gather_object`` per checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Ranks", "barrier", "gather_to_main", "mean_over_ranks", "setup", "teardown"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: rank, world size K, device, and whether it opened the group."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_kind: str) -> Ranks:
+    """Ranks of this process; ``device_kind`` is "cpu" or "cuda" (from the config)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world, owns = dist.get_rank(), dist.get_world_size(), False
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, owns = int(os.environ.get("RANK", "0")), world > 1
+        if owns:
+            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    if device_kind == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        torch.cuda.set_device(local)
+        return Ranks(rank, world, torch.device("cuda", local), owns)
+    return Ranks(rank, world, torch.device("cpu"), owns)
+
+
+def teardown(ranks: Ranks) -> None:
+    if ranks.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The mean of a tensor over ranks (a detached copy; ``x`` itself when K = 1)."""
+    if ranks.world_size == 1:
+        return x.detach()
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / ranks.world_size
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def gather_to_main(obj, ranks: Ranks) -> list | None:
+    """[obj of rank 0, ..., obj of rank K-1] on rank 0 (tensors moved to CPU), None elsewhere."""
+    obj = _to_cpu(obj)
+    if ranks.world_size == 1:
+        return [obj]
+    out = [None] * ranks.world_size if ranks.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world_size > 1:
+        dist.barrier()

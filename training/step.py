@@ -1,0 +1,85 @@
+"""One training step's parts: CLIPA token reduction, the loss call per mode, mixed precision, and the
+syntax-masking POS table.
+
+Token reduction is seeded by (run seed, step, rank): a resumed run draws the same masks, and ranks
+draw different ones (as their images differ). Truncation, grid keep, resize and syntax masking are
+deterministic, so they give the same batch whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from fastclip_kernels import tokens
+from fastclip_kernels.tokens.pos_table import build_pos_rank, load_pos_rank, save_pos_rank
+
+__all__ = ["autocast", "kept_patches", "loss_of", "pos_table", "reduce_tokens"]
+
+
+def kept_patches(cfg, grid: tuple[int, int]) -> int:
+    return max(1, round(cfg.clipa_image_keep * grid[0] * grid[1]))
+
+
+def reduce_tokens(cfg, images, ids, lengths, step: int, rank: int, patch_size: int, pos_rank=None):
+    """CLIPA stage 1: (images (resized), ids, lengths, keep_idx [B, k] or None)."""
+    gen = torch.Generator().manual_seed((cfg.run_seed * 1_000_003 + step) * 1009 + rank)
+    keep_idx, strategy = None, cfg.clipa_image_strategy
+    grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    if strategy == "random":
+        keep_idx = tokens.random_keep(images.shape[0], grid, kept_patches(cfg, grid), generator=gen)
+    elif strategy == "block":
+        keep_idx = tokens.block_keep(images.shape[0], grid, kept_patches(cfg, grid), generator=gen)
+    elif strategy == "grid":
+        keep_idx = tokens.grid_keep(images.shape[0], grid, generator=gen)
+    elif strategy == "resize":
+        images = tokens.resize_images(images, cfg.clipa_image_resize)
+    text = cfg.clipa_text_strategy
+    if text != "none" and ids.shape[1] > cfg.clipa_text_length:
+        if text == "syntax":
+            ids, lengths = tokens.syntax_mask(ids, lengths, cfg.clipa_text_length, pos_rank)
+        else:
+            fn = {"truncate": tokens.truncate, "random": tokens.random_mask, "block": tokens.block_mask}[text]
+            extra = {} if text == "truncate" else {"generator": gen}
+            ids, lengths = fn(ids, lengths, cfg.clipa_text_length, **extra)
+    return images, ids, lengths, keep_idx
+
+
+def pos_table(cfg, tokenizer, run_dir: str, is_main: bool = True):
+    """The POS rank table [vocab] for syntax masking (None for other strategies): ``clipa.pos_table``
+    if given, else the run's saved one, else built with NLTK by rank 0 and saved to the run."""
+    if cfg.clipa_text_strategy != "syntax":
+        return None
+    path = cfg.clipa_pos_table or os.path.join(run_dir, "pos_rank.pt")
+    if not os.path.exists(path):
+        if cfg.clipa_pos_table:
+            raise FileNotFoundError(f"clipa.pos_table: no file {cfg.clipa_pos_table}")
+        if not is_main:
+            raise FileNotFoundError(f"{path}: rank 0 should have written it")
+        save_pos_rank(build_pos_rank(tokenizer.vocab(), tagger="nltk"), path)
+    table = load_pos_rank(path)
+    if table.numel() != tokenizer.vocab_size:
+        raise ValueError(
+            f"clipa.pos_table has {table.numel()} entries; the tokenizer has {tokenizer.vocab_size}"
+        )
+    return table
+
+
+def loss_of(cfg, loss_fn, model, img, txt, indices):
+    """The configured loss of the features; ``model`` gives the temperature (and SigLIP's bias)."""
+    if cfg.loss_mode == "clip":
+        return loss_fn(img, txt, model.temperature())
+    if cfg.loss_mode == "siglip":
+        return loss_fn(img, txt, model.temperature(), model.logit_bias)
+    scale = None if cfg.loss_mode == "rgcl" else model.temperature()
+    return loss_fn(img, txt, scale, indices)
+
+
+def autocast(cfg, device: torch.device):
+    """bf16 autocast for the towers: on a GPU with precision auto/bf16, on a CPU only with bf16."""
+    on = cfg.train_precision == "bf16" or (cfg.train_precision == "auto" and device.type == "cuda")
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
