@@ -36,14 +36,20 @@ def _flickr_paths(cfg, split):
     return table, image_root, split_file if os.path.exists(split_file) else None
 
 
-def train_dataset(cfg, image_size):
-    """(dataset of (image, captions, global index), all training captions for the tokenizer)."""
+def train_transform(cfg, image_size):
+    """The training augmentation (keyed by sample index); None for the synthetic data."""
+    return None if cfg.data_kind == "synthetic" else ImageTransform(image_size, train=True, seed=cfg.run_seed)
+
+
+def train_dataset(cfg, transform):
+    """(dataset of (image, captions, global index) or None for shards, training captions for the tokenizer)."""
+    image_size = cfg.data_image_size
     if cfg.data_kind == "synthetic":
         ds = SyntheticScenes(cfg.data_num_samples, image_size, seed=cfg.run_seed, transform=normalize)
         captions = [c for i in range(min(len(ds), 2048)) for c in ds[i][1]]
     elif cfg.data_kind in ("flickr8k", "csv"):
         table, images, split = _flickr_paths(cfg, "train")
-        ds = CaptionFolderDataset(table, images, split, transform=ImageTransform(image_size, train=True))
+        ds = CaptionFolderDataset(table, images, split, transform=transform)
         captions = [c for caps in ds.captions for c in caps] if hasattr(ds, "captions") else []
     else:  # shards: the stream is built per rank by ``shard_stream``; captions from the first shard
         ds, captions = None, _shard_captions(cfg)
@@ -76,10 +82,10 @@ def _shard_captions(cfg, limit=100_000):
     return out
 
 
-def shard_stream(cfg, rank, world_size, local_batch, image_size):
+def shard_stream(cfg, rank, world_size, local_batch, transform):
     return ShardStream(
         cfg.resolve(cfg.data_path), rank=rank, world_size=world_size, seed=cfg.run_seed, batch_size=local_batch,
-        transform=ImageTransform(image_size, train=True), caption_choice=_caption_choice(cfg),
+        transform=transform, caption_choice=_caption_choice(cfg),
     )  # fmt: skip
 
 

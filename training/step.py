@@ -1,9 +1,11 @@
 """One training step's parts: CLIPA token reduction, the loss call per mode, mixed precision, and the
 syntax-masking POS table.
 
-Token reduction is seeded by (run seed, step, rank): a resumed run draws the same masks, and ranks
-draw different ones (as their images differ). Truncation, grid keep, resize and syntax masking are
-deterministic, so they give the same batch whatever the number of ranks.
+Token reduction is seeded by (run seed, step): a resumed run draws the same masks. Image masks are
+drawn for the whole global batch and rank r takes rows r, r + K, ... (the rows of its samples in the
+single-process batch, see ``GlobalIndexSampler``), so they do not depend on the number of ranks K;
+random / block text masks are drawn per rank (seeded by rank too). Truncation, resize and syntax
+masking are deterministic.
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ def kept_patches(cfg, grid: tuple[int, int]) -> int:
     return max(1, round(cfg.clipa_image_keep * grid[0] * grid[1]))
 
 
-def reduce_tokens(cfg, images, ids, lengths, step: int, rank: int, patch_size: int, pos_rank=None):
-    """CLIPA stage 1: (images (resized), ids, lengths, keep_idx [B, k] or None)."""
-    gen = torch.Generator().manual_seed((cfg.run_seed * 1_000_003 + step) * 1009 + rank)
+def reduce_tokens(cfg, images, ids, lengths, step: int, ranks, patch_size: int, pos_rank=None):
+    """CLIPA stage 1: (images (resized), ids, lengths, keep_idx [B, k] or None); ``ranks``: (rank, K)."""
+    rank, world = ranks
+    gen = torch.Generator().manual_seed(cfg.run_seed * 1_000_003 + step)
     keep_idx, strategy = None, cfg.clipa_image_strategy
-    grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    grid, rows = (images.shape[-2] // patch_size, images.shape[-1] // patch_size), images.shape[0] * world
     if strategy == "random":
-        keep_idx = tokens.random_keep(images.shape[0], grid, kept_patches(cfg, grid), generator=gen)
+        keep_idx = tokens.random_keep(rows, grid, kept_patches(cfg, grid), generator=gen)[rank::world]
     elif strategy == "block":
-        keep_idx = tokens.block_keep(images.shape[0], grid, kept_patches(cfg, grid), generator=gen)
+        keep_idx = tokens.block_keep(rows, grid, kept_patches(cfg, grid), generator=gen)[rank::world]
     elif strategy == "grid":
-        keep_idx = tokens.grid_keep(images.shape[0], grid, generator=gen)
+        keep_idx = tokens.grid_keep(rows, grid, generator=gen)[rank::world]
     elif strategy == "resize":
         images = tokens.resize_images(images, cfg.clipa_image_resize)
     text = cfg.clipa_text_strategy
@@ -42,7 +45,8 @@ def reduce_tokens(cfg, images, ids, lengths, step: int, rank: int, patch_size: i
             ids, lengths = tokens.syntax_mask(ids, lengths, cfg.clipa_text_length, pos_rank)
         else:
             fn = {"truncate": tokens.truncate, "random": tokens.random_mask, "block": tokens.block_mask}[text]
-            extra = {} if text == "truncate" else {"generator": gen}
+            text_gen = torch.Generator().manual_seed((cfg.run_seed * 1_000_003 + step) * 1009 + rank)
+            extra = {} if text == "truncate" else {"generator": text_gen}
             ids, lengths = fn(ids, lengths, cfg.clipa_text_length, **extra)
     return images, ids, lengths, keep_idx
 

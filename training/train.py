@@ -28,6 +28,7 @@ from . import build, checkpoint, dist
 from .config import ConfigError, parse_args
 from .data.datasets import SkipCorrupt
 from .data.sampler import GlobalIndexSampler
+from .data.stream import count_samples
 from .evaluate import retrieval_recall, zero_shot_accuracy
 from .model import build_model
 from .monitor import Monitor, peak_flops, peak_memory_gib, step_flops
@@ -68,12 +69,14 @@ class Run:
         self.stage1_size = (
             cfg.clipa_image_resize if cfg.clipa_image_strategy == "resize" else cfg.data_image_size
         )
-        self.dataset, captions = build.train_dataset(cfg, cfg.data_image_size)
+        self.transform = build.train_transform(cfg, cfg.data_image_size)
+        self.dataset, captions = build.train_dataset(cfg, self.transform)
         self.tok = self._on_main_first(lambda: build.tokenizer(cfg, captions, self.run_dir))
         self.pos_rank = self._on_main_first(lambda: pos_table(cfg, self.tok, self.run_dir, ranks.is_main))
-        self.num_samples = cfg.data_num_samples if self.dataset is None else len(self.dataset)
+        self.num_samples = len(self.dataset) if self.dataset is not None else cfg.data_num_samples
+        self.num_samples = self.num_samples or count_samples(cfg.resolve(cfg.data_path))
         if self.dataset is None:
-            self.dataset = build.shard_stream(cfg, ranks.rank, K, self.local_batch, cfg.data_image_size)
+            self.dataset = build.shard_stream(cfg, ranks.rank, K, self.local_batch, self.transform)
             self.sampler = None
         else:
             self.sampler = GlobalIndexSampler(len(self.dataset), K, ranks.rank, seed=cfg.run_seed)
@@ -134,6 +137,8 @@ class Run:
     def _epoch_batches(self):
         """This epoch's batches from ``position`` on (at most ``steps_per_epoch - position``)."""
         cfg, b = self.cfg, self.local_batch
+        if self.transform is not None:
+            self.transform.set_epoch(self.epoch)
         if self.sampler is None:  # shard stream
             self.dataset.set_epoch(self.epoch, skip_batches=self.position)
             workers = min(cfg.data_num_workers, len(self.dataset.urls) // self.ranks.world_size)
@@ -160,7 +165,14 @@ class Run:
         images, keep_idx = batch.images, None
         if self.stage == 1:
             images, ids, lengths, keep_idx = reduce_tokens(
-                cfg, images, ids, lengths, self.step, self.ranks.rank, patch, self.pos_rank
+                cfg,
+                images,
+                ids,
+                lengths,
+                self.step,
+                (self.ranks.rank, self.ranks.world_size),
+                patch,
+                self.pos_rank,
             )
         self.last_lr = self.lr()
         build.set_lr(self.opt, self.last_lr, self.model.temperature, cfg.loss_lr_tau_schedule)

@@ -28,6 +28,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 
+from .captions import uniform01
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -59,37 +61,55 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     return (image.float() / 255.0 - mean) / std
 
 
+_AUGMENT_SALT = 0xA6A6
+
+
+def apply_transform(transform, img, index: int):
+    """``transform(img, index)`` for an ImageTransform (keyed augmentation), else ``transform(img)``."""
+    return transform(img, index) if isinstance(transform, ImageTransform) else transform(img)
+
+
 class ImageTransform:
     """PIL image -> normalized float tensor [3, size, size].
 
     train=True: random resized crop (area fraction in `scale`, aspect ratio in `ratio`, log-uniform) and a
-    horizontal flip with probability 1/2, drawn from torch's RNG (seeded per worker by the DataLoader).
-    train=False: resize the short side to `size`, then a center crop.
+    horizontal flip with probability 1/2. Called with the sample's global `index`, the draw is a pure
+    function of (seed, epoch, index), as the caption choice is: a resumed run, any number of workers
+    and any number of ranks see the same crops (`set_epoch` before each epoch's loader). Without an
+    index it draws from torch's global RNG. train=False: resize the short side to `size`, center crop.
     """
 
-    def __init__(self, size: int, train: bool = False, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int, train: bool = False, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), seed: int = 0):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.size, self.train, self.scale, self.ratio = size, train, scale, ratio
+        self.seed, self.epoch = int(seed), 0
 
-    def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _crop_box(self, w: int, h: int, gen) -> tuple[int, int, int, int]:
         for _ in range(10):
-            area = w * h * float(torch.empty(1).uniform_(*self.scale))
-            log_r = torch.empty(1).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+            area = w * h * float(torch.empty(1).uniform_(*self.scale, generator=gen))
+            log_r = torch.empty(1).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=gen)
             aspect = math.exp(float(log_r))
             cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if 0 < cw <= w and 0 < ch <= h:
-                x0 = int(torch.randint(0, w - cw + 1, (1,)))
-                y0 = int(torch.randint(0, h - ch + 1, (1,)))
+                x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+                y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
                 return x0, y0, x0 + cw, y0 + ch
         side = min(w, h)  # fallback: the central square
         return (w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, index: int | None = None) -> torch.Tensor:
         s = self.size
         if self.train:
-            img = img.resize((s, s), Image.BICUBIC, box=self._crop_box(*img.size))
-            if torch.rand(()) < 0.5:
+            gen = None
+            if index is not None:
+                key = int(uniform01(self.seed, self.epoch, int(index), _AUGMENT_SALT) * 2**53)
+                gen = torch.Generator().manual_seed(key)
+            img = img.resize((s, s), Image.BICUBIC, box=self._crop_box(*img.size, gen))
+            if torch.rand((), generator=gen) < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             img = ImageOps.fit(img, (s, s), Image.BICUBIC)  # central square crop, resized
@@ -163,7 +183,7 @@ class CaptionFolderDataset(_SkipsCorrupt):
         captions = self.captions[index]
         if self.caption_choice is not None:
             captions = self.caption_choice(captions, index)
-        return self.transform(img), captions, index
+        return apply_transform(self.transform, img, index), captions, index
 
 
 class ImageFolderClasses(_SkipsCorrupt):
@@ -287,7 +307,7 @@ class ShardDataset(IterableDataset):
         index = int(meta["index"]) if meta else -1
         if self.caption_choice is not None:
             captions = self.caption_choice(captions, index)
-        return self.transform(img), captions, index
+        return apply_transform(self.transform, img, index), captions, index
 
     def __iter__(self):
         import webdataset as wds

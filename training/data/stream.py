@@ -18,13 +18,14 @@ samples: with corrupt images in the skipped part, the resumed position is off by
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 from torch.utils.data import get_worker_info
 
 from .datasets import ShardDataset
 
-__all__ = ["ShardStream", "expand_urls"]
+__all__ = ["ShardStream", "count_samples", "expand_urls"]
 
 
 def expand_urls(urls) -> list[str]:
@@ -34,6 +35,17 @@ def expand_urls(urls) -> list[str]:
     if isinstance(urls, str):
         return [u for part in urls.split("::") for u in braceexpand.braceexpand(part)]
     return list(urls)
+
+
+def count_samples(urls) -> int:
+    """Samples in the shards: distinct keys (the member name up to its first dot) per tar file."""
+    import tarfile
+
+    total = 0
+    for url in expand_urls(urls):
+        with tarfile.open(url) as tar:
+            total += len({os.path.basename(m.name).split(".", 1)[0] for m in tar if m.isfile()})
+    return total
 
 
 class ShardStream(ShardDataset):
