@@ -49,12 +49,14 @@ def plot_run(run_dir: str, out: str | None = None) -> str | None:
         axes[1].plot(*_series(log, "gamma"), label="gamma")
     axes[1].set(title="temperature / inner LR", xlabel="step", yscale="log")
     axes[1].legend()
+    plotted = 0
     for key in EVAL_KEYS:
         steps, values = _series(evals, key)
         if steps:
             axes[2].plot(steps, values, marker="o", label=key)
+            plotted += 1
     axes[2].set(title="evaluation", xlabel="step", ylim=(0, 1))
-    if evals:
+    if plotted:
         axes[2].legend(fontsize=8)
     stage2 = next((int(r["step"]) for r in log if r.get("stage") == "2"), None)
     for ax in axes if stage2 is not None else ():

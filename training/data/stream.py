@@ -6,7 +6,8 @@ DataLoader worker w of W every W-th of those. Each worker cycles through its sha
 every rank yields as many batches as the loop asks for even when shard sizes differ; the loop ends
 the epoch after ``N // B`` steps (N = ``data.num_samples``). Batches come from the workers in turn
 (batch p from worker p mod W), so resuming at batch p of an epoch skips, in worker w, the samples
-of its first ceil((p - w) / W) batches (tar reads, no image decode). The skip counts stored
+of its first ceil((p - w) / W) batches (tar reads, no image decode), and the loader's first worker
+takes the role of worker p mod W. The skip counts stored
 samples: with corrupt images in the skipped part, the resumed position is off by their number.
 
     >>> stream = ShardStream("shards/shard-{000000..000009}.tar", rank=0, world_size=2, seed=0,
@@ -38,14 +39,21 @@ def expand_urls(urls) -> list[str]:
 
 
 def count_samples(urls) -> int:
-    """Samples in the shards: distinct keys (the member name up to its first dot) per tar file."""
+    """The data size N for FastCLIP's state: 1 + the largest global index in the samples' json (indices
+    of unreadable images skipped by ``write_shards`` stay reserved), or the number of distinct keys
+    (member names up to the first dot) when the shards carry no json. Reads member headers and json."""
+    import json
     import tarfile
 
-    total = 0
+    keys, top = 0, -1
     for url in expand_urls(urls):
         with tarfile.open(url) as tar:
-            total += len({os.path.basename(m.name).split(".", 1)[0] for m in tar if m.isfile()})
-    return total
+            members = [m for m in tar if m.isfile()]
+            keys += len({os.path.basename(m.name).split(".", 1)[0] for m in members})
+            for m in members:
+                if m.name.endswith(".json"):
+                    top = max(top, int(json.load(tar.extractfile(m)).get("index", -1)))
+    return top + 1 if top >= 0 else keys
 
 
 class ShardStream(ShardDataset):
@@ -88,6 +96,9 @@ class ShardStream(ShardDataset):
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader asks its workers in turn starting from worker 0, and batch p of the epoch is due
+        # from logical worker p mod W: after skipping p batches, worker i plays logical (i + p) mod W.
+        worker = (worker + self.skip_batches) % num_workers
         mine = self.rank_shards()[worker::num_workers]
         if not mine:
             return
