@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q triton pytest pytest-benchmark hypothesis ruff
-python -m pip install -q pillow tokenizers webdataset tqdm  # training/ (data, tokenizer, progress)
+python -m pip install -q pillow tokenizers webdataset tqdm matplotlib tensorboard  # training/ (data, tokenizer, progress, plots, events)
 python -m pip install -q -e .

@@ -222,6 +222,9 @@ def test_tag_rank_and_bad_table(tmp_path):
     torch.save(torch.tensor([0.5]), tmp_path / "bad.pt")
     with pytest.raises(TypeError, match="table"):
         tk.load_pos_rank(tmp_path / "bad.pt")
+    for tagger in ({"cat": "NN"}.get, lambda w: 3):  # None (an unknown word) or a non-string tag
+        with pytest.raises(TypeError, match="tagger must return a POS tag string"):
+            tk.build_pos_rank(["cat</w>", "sat</w>"], tagger)
 
 
 @pytest.mark.parametrize("tagger,hint", [("nltk", "pip install nltk"), ("spacy", "pip install spacy")])

@@ -79,9 +79,9 @@ def _spacy_tags(words: list[str], model: str) -> list[str]:
 
 def _callable_tags(words: list[str], tagger: Callable[[str], str]) -> list[str]:
     tags = [tagger(w) for w in words]
-    bad = next((t for t in tags if not isinstance(t, str)), None)
-    if bad is not None:
-        raise TypeError(f"tagger must return a POS tag string (e.g. 'NOUN', 'NN'), got {type(bad).__name__}")
+    bad = [t for t in tags if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"tagger must return a POS tag string (e.g. 'NOUN', 'NN'), got {type(bad[0]).__name__}")
     return tags
 
 
