@@ -127,7 +127,7 @@ class TrainConfig:
     clipa_text_length: int = _f(16, "Stage 1: text length in tokens, SOT and EOT included.")
     clipa_pos_table: str = _f("", "Syntax masking: saved POS rank table; empty: built with NLTK at start.")
     clipa_stage2_epochs: float = _f(0.0, "Stage 2: epochs at full resolution and text length (0: no stage 2).")
-    clipa_stage2_lr: float | None = _f(None, "Stage 2 peak LR (cosine, new warmup); none: one schedule for both.")
+    clipa_stage2_lr: float | None = _f(None, "Stage 2 peak LR (own cosine; warmup min(optim.warmup_steps, 10% of stage 2)); none: one schedule.")
     clipa_stage2_interp_pos_embed: bool = _f(True, "Stage 2: interpolate position embeddings (else re-init).")
     eval_every_steps: int = _f(200, "Evaluate every N steps (0: only at the end).")
     eval_zeroshot_path: str = _f("", "Zero-shot set (ImageFolder-style); relative to data.root; empty: none.")

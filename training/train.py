@@ -108,7 +108,7 @@ class Run:
         net = self.model
         if self.ranks.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            net = DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+            net = DistributedDataParallel(net, device_ids=ids)
         self.net = torch.compile(net) if self.cfg.train_compile else net
 
     # -- schedule --------------------------------------------------------------------------------
