@@ -119,6 +119,10 @@ def loader(dataset, batch_size, sampler=None, workers=0, shuffle=False):
 def tokenizer(cfg, captions, run_dir):
     """Load ``data.tokenizer`` or the run's own, else train one on the captions and save it. (HF's
     BPE trainer breaks count ties nondeterministically: the saved file is what makes resume exact.)"""
+    if cfg.model_text_tower == "adapter":  # LLM2CLIP: captions map to rows of the embedding cache
+        from .llm2clip.cache import CacheTokenizer, EmbeddingCache
+
+        return CacheTokenizer(EmbeddingCache(cfg.data_text_embeddings))
     path = cfg.data_tokenizer or os.path.join(run_dir, "tokenizer.json")
     if os.path.exists(path):
         return CaptionTokenizer.load(path)

@@ -35,7 +35,7 @@ MODEL_SIZES = {
 CHOICES = {  # fields with a fixed set of values
     "run_device": ("auto", "cpu", "cuda"), "data_kind": ("synthetic", "flickr8k", "csv", "shards"),
     "data_caption_sampling": ("none", "laclip", "veclip"), "model_size": tuple(MODEL_SIZES),
-    "model_pos_embed": ("learned", "sincos"), "loss_mode": ("clip", "siglip", "gcl", "rgcl", "rgcl_g"),
+    "model_pos_embed": ("learned", "sincos"), "model_text_tower": ("transformer", "adapter"), "loss_mode": ("clip", "siglip", "gcl", "rgcl", "rgcl_g"),
     "loss_lr_tau_schedule": ("step_thresh", "const", "cosine"), "optim_name": ("adamw", "lamb"),
     "train_precision": ("auto", "bf16", "fp32"), "eval_retrieval_split": ("dev", "test", "none"),
     "clipa_image_strategy": ("none", "random", "grid", "block", "resize"),
@@ -95,9 +95,11 @@ class TrainConfig:
     data_tokenizer: str = _f("", "tokenizer.json to load; empty: train one on the training captions.")
     data_vocab_size: int = _f(4096, "Vocabulary size when training the tokenizer.")
     data_context_length: int = _f(32, "Full text length in tokens, SOT and EOT included.")
+    data_text_embeddings: str = _f("", "LLM2CLIP: caption embedding cache (python -m training.llm2clip.cache).")
     model_size: str = _f("tiny", "Model size (widths/layers/heads/patch from MODEL_SIZES).")
     model_output_dim: int | None = _f(None, "Embedding dimension; none: the size's default.")
     model_pos_embed: str = _f("learned", "Image position embeddings: learned or fixed 2-D sin-cos.")
+    model_text_tower: str = _f("transformer", "Text tower: the packed transformer, or LLM2CLIP's adapter over cached embeddings.")
     loss_mode: str = _f("rgcl_g", "Loss: clip, siglip, gcl, rgcl, rgcl_g (FastCLIP-v3).")
     loss_temperature: float = _f(0.07, "Initial temperature tau (constant for gcl; siglip: 0.1).")
     loss_gamma_min: float = _f(0.8, "FastCLIP: final inner learning rate gamma of the u estimator.")
@@ -196,6 +198,8 @@ class TrainConfig:
             ("data_image_size", c.data_image_size > 0 and c.data_image_size % patch == 0,
              f"must be a positive multiple of the patch size ({patch})"),
             ("optim_min_lr", 0 <= c.optim_min_lr <= c.optim_lr, "must be in [0, optim_lr]"),
+            ("data_text_embeddings", c.model_text_tower != "adapter" or bool(c.data_text_embeddings),
+             "needed for model_text_tower=adapter"),
             ("optim_betas", all(0 <= b < 1 for b in c.optim_betas), "each beta must be in [0, 1)"),
             ("clipa_image_resize", c.clipa_image_strategy != "resize"
              or (0 < c.clipa_image_resize <= c.data_image_size and c.clipa_image_resize % patch == 0),

@@ -57,8 +57,9 @@ class CLIP(nn.Module):
         return self.encode_image(images, keep_idx), self.encode_text(ids, lengths)
 
 
-def build_model(cfg, vocab_size: int) -> CLIP:
-    """The CLIP of ``cfg`` (a TrainConfig): sizes from ``cfg.model_dims()``, attention backend "auto"."""
+def build_model(cfg, vocab_size: int, text_table: torch.Tensor | None = None) -> CLIP:
+    """The CLIP of ``cfg`` (a TrainConfig): sizes from ``cfg.model_dims()``, attention backend "auto".
+    With ``model.text_tower=adapter`` the text tower is LLM2CLIP's adapter over ``text_table``."""
     d = cfg.model_dims()
     visual = PackedViT(
         getattr(cfg, "data_image_size", 64),
@@ -70,15 +71,22 @@ def build_model(cfg, vocab_size: int) -> CLIP:
         attn_backend="auto",
         pos_embed=getattr(cfg, "model_pos_embed", "learned"),
     )
-    text = PackedTextTransformer(
-        vocab_size,
-        getattr(cfg, "data_context_length", 32),
-        d["text_width"],
-        d["text_layers"],
-        d["text_heads"],
-        d["output_dim"],
-        attn_backend="auto",
-    )
+    if getattr(cfg, "model_text_tower", "transformer") == "adapter":
+        if text_table is None:
+            raise ValueError("model_text_tower=adapter needs text_table (the caption embedding cache)")
+        from .llm2clip.adapter import AdapterTextTower
+
+        text = AdapterTextTower(text_table, d["output_dim"])
+    else:
+        text = PackedTextTransformer(
+            vocab_size,
+            getattr(cfg, "data_context_length", 32),
+            d["text_width"],
+            d["text_layers"],
+            d["text_heads"],
+            d["output_dim"],
+            attn_backend="auto",
+        )
     if getattr(cfg, "loss_mode", "clip") == "siglip":
         return CLIP(visual, text, tau_init=SIGLIP_TAU_INIT, logit_bias_init=SIGLIP_BIAS_INIT)
     return CLIP(visual, text, tau_init=float(getattr(cfg, "loss_temperature", 0.07)))

@@ -80,7 +80,8 @@ class Run:
             self.sampler = None
         else:
             self.sampler = GlobalIndexSampler(len(self.dataset), K, ranks.rank, seed=cfg.run_seed)
-        self.model = build_model(cfg, self.tok.vocab_size).to(self.device)
+        table = self.tok.cache.table if hasattr(self.tok, "cache") else None
+        self.model = build_model(cfg, self.tok.vocab_size, table).to(self.device)
         if cfg.train_activation_checkpointing:
             for tower in (self.model.visual, self.model.text):
                 tower.set_grad_checkpointing(True)

