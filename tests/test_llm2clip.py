@@ -144,7 +144,9 @@ def test_adapter_tower():
     ids = torch.tensor([[3, 0, 0], [1, 0, 0]])
     torch.testing.assert_close(tower(ids, lengths=[1, 1]), tower.adapter(table[[3, 1]].float()))
     d, e = 64, 32  # 4 blocks (LN, d -> 2d, 2d -> d) + LN + d -> E: 16 d^2 + O(d)
-    assert sum(p.numel() for p in TextAdapter(d, e).parameters()) == 4 * (4 * d * d + 5 * d) + 2 * d + d * e + e
+    assert (
+        sum(p.numel() for p in TextAdapter(d, e).parameters()) == 4 * (4 * d * d + 5 * d) + 2 * d + d * e + e
+    )
     assert "table" not in tower.state_dict(), "the cache is not saved in checkpoints"
     with pytest.raises(ValueError, match="table must be"):
         AdapterTextTower(torch.zeros(3), 4)

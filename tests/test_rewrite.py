@@ -110,7 +110,9 @@ def test_rewrite_job_is_resumable_and_exports_aligned_files(tiny_lm, tmp_path):
     assert len(resumed.prompts) == 4 and len(store) == 10
     rows = [(json.loads(line)["row"], json.loads(line)["k"]) for line in open(path)]
     assert sorted(rows) == [(r, k) for r in range(5) for k in range(2)], "each item exactly once"
-    assert [p.rsplit("\n", 1)[1] for p in resumed.prompts] == ["a cat sleeps =>"] * 2 + ["boats at sea =>"] * 2
+    assert [p.rsplit("\n", 1)[1] for p in resumed.prompts] == ["a cat sleeps =>"] * 2 + [
+        "boats at sea =>"
+    ] * 2
     for prompt, style in zip(resumed.prompts, [STYLES[0], STYLES[1]] * 2, strict=True):  # rewrite k: style k
         assert all(tuple(line.split(" => ")) in REWRITE_EXAMPLES[style] for line in prompt.split("\n")[1:-1])
     paths = export_aligned(store, captions, tmp_path / "out", num_outputs=2)

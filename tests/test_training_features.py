@@ -125,3 +125,17 @@ def test_console_script_prints_help():
     cmd = [exe] if exe else [sys.executable, "-m", "training.train"]
     out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--clipa.image_strategy" in out.stdout
+
+
+def test_flickr8k_preset_runs_at_tiny_size(tmp_path):
+    """The real-data preset family: Flickr8k photos and captions, CLIPA resize, LaCLIP-style sampling."""
+    from training.config import data_home
+
+    if not os.path.isdir(os.path.join(data_home(), "flickr8k")):
+        pytest.skip(f"no Flickr8k under {data_home()} (set FASTCLIP_DATA)")
+    cfg = parse_args(["--preset", "flickr8k", "--model.size", "tiny", "--data.image_size", "32",
+                      "--clipa.image_resize", "16", "--train.batch_size", "8", "--train.max_steps", "2",
+                      "--data.num_workers", "0", "--eval.zeroshot_path", "", "--eval.retrieval_split", "none",
+                      "--data.vocab_size", "256", "--run.output_dir", str(tmp_path), "--run.device", "cpu"])  # fmt: skip
+    assert train.train(cfg)["step"] == 2
+    assert len(_rows(os.path.join(cfg.output_path, "log.csv"))) >= 1

@@ -106,3 +106,16 @@ def test_training_on_shards_resumes_exactly(shards, tmp_path):
             return {int(r["step"]): r["loss"] for r in csv.DictReader(f)}
 
     assert losses(parts.output_path) == losses(whole.output_path) and len(losses(whole.output_path)) == 7
+
+
+@pytest.mark.parametrize("preset", ["cc3m-b16", "laion-b16"])
+def test_paper_presets_run_at_tiny_size_on_shards(shards, tmp_path, preset):
+    """The papers' recipes (CLIPA resize + truncate, FastCLIP-v3 hyper-parameters) with a tiny model."""
+    cfg = parse_args(["--preset", preset, "--model.size", "tiny", "--data.image_size", "32", "--data.path", shards,
+                      "--data.num_samples", "none", "--data.num_workers", "0", "--data.vocab_size", "64",
+                      "--data.context_length", "24", "--clipa.image_resize", "16", "--train.batch_size", "6",
+                      "--train.max_steps", "2", "--log.every_steps", "1", "--run.output_dir", str(tmp_path),
+                      "--run.device", "cpu"])  # fmt: skip
+    assert train.train(cfg)["step"] == 2
+    with open(os.path.join(cfg.output_path, "log.csv")) as f:
+        assert [r["stage"] for r in csv.DictReader(f)] == ["1", "1"]
