@@ -139,3 +139,16 @@ def test_flickr8k_preset_runs_at_tiny_size(tmp_path):
                       "--data.vocab_size", "256", "--run.output_dir", str(tmp_path), "--run.device", "cpu"])  # fmt: skip
     assert train.train(cfg)["step"] == 2
     assert len(_rows(os.path.join(cfg.output_path, "log.csv"))) >= 1
+
+
+def test_compare_table(tmp_path):
+    from training.compare import summary, table
+
+    run = tmp_path / "mini-a"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"step": 7, "i2t_r1": 0.125, "t2i_r1": 0.05}')
+    (run / "log.csv").write_text("step,samples_per_s\n1,10.0\n2,30.0\n3,20.0\n")
+    row = summary(str(run))
+    assert row["samples/s"] == 20.0 and row["steps"] == 7
+    text = table([row])
+    assert "| mini-a | 7 | 20.0 | 12.5% |" in text and summary(str(tmp_path / "none")) is None
