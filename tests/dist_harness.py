@@ -13,6 +13,7 @@ per call.
 """
 
 import datetime
+import gc
 import os
 import tempfile
 import time
@@ -48,6 +49,8 @@ def _rank_main(rank, world_size, tmpdir, timeout, fn, args):
     try:
         result = fn(rank, world_size, *args)
         torch.save(_to_cpu(result), os.path.join(tmpdir, f"result_{rank}.pt"))
+        gc.collect()  # free DDP reducers (reference cycles) while the group is alive
+        dist.barrier()  # no rank tears the group down while a peer's last message is in flight
     except BaseException:
         # Written before this rank exits, i.e. before its peers fail on the broken connection.
         with open(os.path.join(tmpdir, f"error_{rank}.txt"), "w") as fh:

@@ -14,6 +14,7 @@ run at the end. Resume is exact; a non-finite loss stops every rank cleanly at t
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -44,10 +45,14 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg, stop_at: int | None = None) -> dict:
     """Run the configured training; returns the final metrics (rank 0; other ranks get the step).
     ``stop_at`` (tests) stops after that step as an interruption would: checkpoint, no final eval."""
-    ranks = dist.setup(build.device_of(cfg).type)
+    ranks, run = dist.setup(build.device_of(cfg).type), None
     try:
-        return Run(cfg, ranks).fit(stop_at)
+        run = Run(cfg, ranks)
+        return run.fit(stop_at)
     finally:
+        if run is not None:
+            run.net = run.opt = None  # DDP's reducer goes while the process group is still open
+            gc.collect()
         dist.teardown(ranks)
 
 
