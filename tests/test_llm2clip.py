@@ -135,6 +135,10 @@ def test_cache_round_trip_and_errors(tmp_path):
         build_cache(enc, ["ok", ""], tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="data.text_embeddings"):
         EmbeddingCache(tmp_path / "missing")
+    index_path = tmp_path / "c" / "index.json"
+    index_path.write_text(index_path.read_text().replace('"dim": 16', '"dim": 32'))
+    with pytest.raises(ValueError, match="does not match its index"):  # embedding dimension mismatch
+        EmbeddingCache(tmp_path / "c")
 
 
 def test_adapter_tower():
