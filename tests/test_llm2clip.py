@@ -169,3 +169,34 @@ def test_training_loop_with_the_adapter_text_tower(tmp_path):
     assert final["step"] == 3 and 0 <= final["i2t_r1"] <= 1 and "zeroshot_top1" in final
     with pytest.raises(Exception, match="needed for model_text_tower=adapter"):
         parse_args(base)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_decoder_llm_attends_both_ways_with_the_4d_mask(tmp_path, bidirectional):
+    """A tiny random Llama: with the 4-D mask the first token's state depends on later tokens (and
+    padding never leaks in: a padded batch gives the unpadded embedding); causal otherwise."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from training.llm2clip.encoder import MeanPoolEncoder
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "a", "dog", "cat", "runs", "sleeps", "red"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path)
+    config = transformers.LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaModel(config).save_pretrained(tmp_path)
+    enc = MeanPoolEncoder(str(tmp_path), bidirectional=bidirectional)
+    assert not enc.is_encoder and enc.bidirectional == bidirectional
+    with torch.no_grad():
+        batch = enc.tokenizer(["a dog runs", "a dog sleeps"], return_tensors="pt")
+        if bidirectional:
+            m = batch["attention_mask"]
+            batch["attention_mask"] = m[:, None, None, :].bool().expand(-1, 1, m.shape[1], -1)
+        first = enc.model(**batch).last_hidden_state[:, 0]
+    assert torch.allclose(first[0], first[1]) != bidirectional
+    alone, padded = enc.encode(["a red cat"]), enc.encode(["a red cat", "a dog runs red cat sleeps"])
+    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-4)

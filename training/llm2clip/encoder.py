@@ -4,9 +4,11 @@
     >>> emb = enc.encode(["a dog runs", "a cat sleeps"])                  # [2, d] fp32, unit norm
 
 The model is loaded with ``local_files_only=True``. Encoder models (BERT-like) attend in both
-directions already; a decoder-only LM keeps its causal attention here (LLM2Vec's bidirectional
-patching is model-specific), so its mean pool weighs early tokens less. ``forward`` keeps the
-graph for fine-tuning; ``encode`` runs in eval mode without it, in batches.
+directions already. A decoder-only LM is made bidirectional as LLM2Vec does, without patching its
+code: it gets a 4-D boolean attention mask [B, 1, L, L] that lets every token see every real token
+(transformers uses such a mask as given instead of building the causal one; checked on Llama in
+the tests). ``bidirectional=False`` keeps the causal attention. ``forward`` keeps the graph for
+fine-tuning; ``encode`` runs in eval mode without it, in batches.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class MeanPoolEncoder(nn.Module):
-    def __init__(self, model: str, max_length: int = 77, device: str = "cpu"):
+    ENCODER_TYPES = (
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "mpnet",
+        "electra",
+        "deberta",
+        "deberta-v2",
+    )
+
+    def __init__(self, model: str, max_length: int = 77, device: str = "cpu", bidirectional: bool = True):
         super().__init__()
         try:
             from transformers import AutoModel, AutoTokenizer
@@ -41,6 +54,8 @@ class MeanPoolEncoder(nn.Module):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length, self.device_name = max_length, device
+        self.is_encoder = self.model.config.model_type in self.ENCODER_TYPES
+        self.bidirectional = bidirectional and not self.is_encoder  # encoders already are
         self.to(device)
 
     @property
@@ -54,8 +69,11 @@ class MeanPoolEncoder(nn.Module):
             raise ValueError(f"texts must be non-empty strings; empty at {empty[:5]}")
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device_name)  # fmt: skip
+        mask = batch["attention_mask"]
+        if self.bidirectional:  # every query sees every real key: [B, 1, L, L]
+            batch["attention_mask"] = mask[:, None, None, :].bool().expand(-1, 1, mask.shape[1], -1)
         hidden = self.model(**batch).last_hidden_state
-        return F.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+        return F.normalize(mean_pool(hidden, mask).float(), dim=-1)
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
