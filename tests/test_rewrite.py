@@ -171,3 +171,38 @@ def test_cli_rewrites_shards_for_laclip_sampling(tiny_lm, tmp_path):
     samples = {idx: caps for _, (_, caps, idx) in zip(range(4), stream, strict=False)}
     assert sorted(samples) == [0, 1, 2, 3]
     assert all(len(caps) == 4 and caps[0] == f"a red square {i}" for i, caps in samples.items())
+
+
+def test_transformers_captioner_with_a_tiny_random_model(tmp_path):
+    """VeCLIP's pluggable captioner over a local image-to-text model (ViT encoder + GPT-2 decoder)."""
+    import transformers as hf
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from training.rewrite import PipelineCaptioner
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", "a", "dog", "cat"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                               eos_token="</s>").save_pretrained(tmp_path)  # fmt: skip
+    encoder = hf.ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64)  # fmt: skip
+    decoder = hf.GPT2Config(vocab_size=7, n_embd=32, n_layer=1, n_head=2, add_cross_attention=True, is_decoder=True,
+                            bos_token_id=2, eos_token_id=3, pad_token_id=0)  # fmt: skip
+    config = hf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 0, 3
+    model = hf.VisionEncoderDecoderModel(config)
+    model.generation_config.decoder_start_token_id, model.generation_config.pad_token_id = 2, 0
+    model.save_pretrained(tmp_path)
+    hf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    captioner = PipelineCaptioner(str(tmp_path), max_new_tokens=4)
+    images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("L", (20, 20))]
+    texts = captioner(images)
+    assert len(texts) == 2 and all(
+        isinstance(t, str) and set(t.split()) <= {"a", "dog", "cat"} for t in texts
+    )
+    store = caption_images(images, captioner, tmp_path / "v.jsonl")
+    assert len(store) == 2
+    with pytest.raises(FileNotFoundError, match="captioner model"):
+        PipelineCaptioner(str(tmp_path / "missing"))

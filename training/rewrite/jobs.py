@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from .prompts import REWRITE_EXAMPLES, fusion_prompt, parse_completion, rewrite_prompt
@@ -111,21 +112,30 @@ def caption_images(images: Iterable, captioner: Captioner, store_path, *, batch_
 
 
 class PipelineCaptioner:
-    """A local ``transformers`` image-to-text model (e.g. a BLIP or LLaVA folder) as a Captioner."""
+    """A local ``transformers`` image-to-text model (a VisionEncoderDecoder, BLIP, ... folder) as a
+    Captioner: its processor, ``generate`` and the tokenizer's decode (what the image-to-text pipeline
+    does, without the pipeline's Hub lookups)."""
 
     def __init__(self, model: str, device: str = "cpu", max_new_tokens: int = 40):
-        from transformers import pipeline
+        import transformers as hf
 
+        local = {"local_files_only": True}
         try:
-            self.pipe = pipeline(
-                "image-to-text", model=model, device=device, model_kwargs={"local_files_only": True}
-            )
+            self.net = hf.AutoModelForImageTextToText.from_pretrained(model, **local).to(device).eval()
+            self.tokenizer = hf.AutoTokenizer.from_pretrained(model, **local)
+            processor = hf.AutoProcessor.from_pretrained(model, **local)
+            if not isinstance(processor, hf.ProcessorMixin):  # AutoProcessor fell back to the tokenizer
+                processor = hf.AutoImageProcessor.from_pretrained(model, **local)
         except OSError as e:
             raise FileNotFoundError(
                 f"captioner model {model!r} is neither a local folder nor in the HF cache"
             ) from e
-        self.max_new_tokens = max_new_tokens
+        self.processor, self.device, self.max_new_tokens = processor, device, max_new_tokens
 
+    @torch.no_grad()
     def __call__(self, images: list) -> list[str]:
-        out = self.pipe(images, max_new_tokens=self.max_new_tokens)
-        return [o[0]["generated_text"] if isinstance(o, list) else o["generated_text"] for o in out]
+        inputs = self.processor(images=[img.convert("RGB") for img in images], return_tensors="pt").to(
+            self.device
+        )
+        out = self.net.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
