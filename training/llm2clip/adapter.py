@@ -6,7 +6,8 @@ x += Linear(2d -> d)(GELU(Linear(d -> 2d)(LN(x)))) -> LN -> Linear(d -> E) [B, E
 
 ``AdapterTextTower`` has the packed text tower's call signature ``(ids, lengths=...)``: with the
 cache's tokenizer (``CacheTokenizer``), ``ids[:, 0]`` is each caption's row in the embedding table,
-so the training loop, CLIPA's text strategies (no-ops on one token) and the evaluation run unchanged.
+so the training loop, CLIPA's text strategies (which leave [B, 1] ids alone) and the evaluation run
+unchanged.
 The table is a non-persistent buffer: checkpoints hold the adapter only.
 """
 

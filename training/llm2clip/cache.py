@@ -77,16 +77,15 @@ class EmbeddingCache:
 
 
 class CacheTokenizer:
-    """Stands in for the text tokenizer: a caption's "ids" are ``[row, 0, ...]`` with length 1."""
+    """Stands in for the text tokenizer: a caption's "ids" are ``[row]`` ([B, 1], length 1), so
+    CLIPA's text reduction (which acts on ids longer than its target length) leaves them alone."""
 
     def __init__(self, cache: EmbeddingCache):
         self.cache = cache
         self.vocab_size = cache.table.shape[0]
 
     def encode_batch(self, texts, context_length: int):
-        ids = torch.zeros(len(texts), context_length, dtype=torch.long)
-        ids[:, 0] = self.cache.rows(texts)
-        return ids, torch.ones(len(texts), dtype=torch.long)
+        return self.cache.rows(texts).view(-1, 1), torch.ones(len(texts), dtype=torch.long)
 
 
 def run_texts(cfg) -> list[str]:
