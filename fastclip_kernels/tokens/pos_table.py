@@ -81,7 +81,9 @@ def _callable_tags(words: list[str], tagger: Callable[[str], str]) -> list[str]:
     tags = [tagger(w) for w in words]
     bad = [t for t in tags if not isinstance(t, str)]
     if bad:
-        raise TypeError(f"tagger must return a POS tag string (e.g. 'NOUN', 'NN'), got {type(bad[0]).__name__}")
+        raise TypeError(
+            f"tagger must return a POS tag string (e.g. 'NOUN', 'NN'), got {type(bad[0]).__name__}"
+        )
     return tags
 
 
