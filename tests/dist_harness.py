@@ -23,18 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
+from torch.utils._pytree import tree_map
 
 DEFAULT_TIMEOUT_S = 120.0
 
 
 def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+    return tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, obj)
 
 
 def _rank_main(rank, world_size, tmpdir, timeout, fn, args):

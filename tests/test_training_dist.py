@@ -2,26 +2,21 @@
 one process (DDP's mean gradient equals the global one), a 2-rank run resumes exactly, and the
 checkpoint carries both ranks' FastCLIP state shards."""
 
-import csv
 import os
 
 import pytest
 import torch
 from dist_harness import run_ranks
+from training_helpers import logged_losses, tiny_argv
 
 from training import checkpoint, train
 from training.config import ConfigError, parse_args
 
-TINY = [
-    "--preset", "demo", "--data.num_samples", "64", "--train.batch_size", "16", "--data.num_workers", "0",
-    "--log.every_steps", "1", "--eval.every_steps", "0", "--ckpt.every_steps", "0", "--optim.warmup_steps", "2",
-    "--data.vocab_size", "128", "--train.max_steps", "6",
-]  # fmt: skip
+TINY = tiny_argv(64, "--train.max_steps", "6")
 
 
 def _losses(run_dir):
-    with open(os.path.join(run_dir, "log.csv")) as f:
-        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+    return {step: float(loss) for step, loss in logged_losses(run_dir).items()}
 
 
 def _train_ranks(rank, world_size, argv, stop_at):

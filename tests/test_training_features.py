@@ -2,7 +2,6 @@
 events, syntax masking from a POS table, the CLIPA stage-2 learning-rate schedule, activation
 checkpointing with bf16 autocast on CPU, and the console entry point."""
 
-import csv
 import os
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from training_helpers import csv_rows, tiny_argv
 
 from fastclip_kernels.tokens.pos_table import build_pos_rank, save_pos_rank
 from training import train
@@ -21,20 +21,11 @@ from training.monitor import Monitor, step_flops
 from training.plots import plot_run
 from training.tokenizer import CaptionTokenizer
 
-TINY = [
-    "--preset", "demo", "--data.num_samples", "48", "--train.batch_size", "16", "--data.num_workers", "0",
-    "--log.every_steps", "1", "--eval.every_steps", "0", "--ckpt.every_steps", "0", "--optim.warmup_steps", "2",
-    "--data.vocab_size", "128",
-]  # fmt: skip
+TINY = tiny_argv(48)
 
 
 def _cfg(tmp_path, *extra):
     return parse_args([*TINY, "--run.output_dir", str(tmp_path), *extra])
-
-
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_step_flops_match_torch_flop_counter():
@@ -65,7 +56,7 @@ def test_plots_and_tensorboard(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     events = os.listdir(os.path.join(cfg.output_path, "tensorboard"))
     assert any(name.startswith("events.out.tfevents") for name in events)
-    assert [r["loss"] for r in _rows(os.path.join(cfg.output_path, "log.csv"))] == [
+    assert [r["loss"] for r in csv_rows(os.path.join(cfg.output_path, "log.csv"))] == [
         "1.0",
         "0.5",
         "0.3333333333333333",
@@ -116,7 +107,7 @@ def test_activation_checkpointing_with_bf16_autocast_on_cpu(tmp_path):
     run = train.Run(cfg, Ranks())
     assert run.model.visual.transformer.grad_checkpointing and run.model.text.transformer.grad_checkpointing
     assert run.fit()["step"] == 3
-    losses = [float(r["loss"]) for r in _rows(os.path.join(cfg.output_path, "log.csv"))]
+    losses = [float(r["loss"]) for r in csv_rows(os.path.join(cfg.output_path, "log.csv"))]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
@@ -138,7 +129,7 @@ def test_flickr8k_preset_runs_at_tiny_size(tmp_path):
                       "--data.num_workers", "0", "--eval.zeroshot_path", "", "--eval.retrieval_split", "none",
                       "--data.vocab_size", "256", "--run.output_dir", str(tmp_path), "--run.device", "cpu"])  # fmt: skip
     assert train.train(cfg)["step"] == 2
-    assert len(_rows(os.path.join(cfg.output_path, "log.csv"))) >= 1
+    assert len(csv_rows(os.path.join(cfg.output_path, "log.csv"))) >= 1
 
 
 def test_compare_table(tmp_path):

@@ -2,29 +2,20 @@
 reproduces the uninterrupted losses exactly, and a non-finite loss stops cleanly with the last
 checkpoint intact."""
 
-import csv
 import os
 
 import pytest
 import torch
+from training_helpers import csv_rows, logged_losses, tiny_argv
 
 from training import checkpoint, train
 from training.config import parse_args
 
-TINY = [
-    "--preset", "demo", "--data.num_samples", "96", "--train.batch_size", "16", "--data.num_workers", "0",
-    "--log.every_steps", "1", "--eval.every_steps", "0", "--ckpt.every_steps", "0", "--optim.warmup_steps", "2",
-    "--data.vocab_size", "128",
-]  # fmt: skip
+TINY = tiny_argv(96)
 
 
 def _cfg(tmp_path, *extra):
     return parse_args([*TINY, "--run.output_dir", str(tmp_path), *extra])
-
-
-def _losses(run_dir):
-    with open(os.path.join(run_dir, "log.csv")) as f:
-        return {int(r["step"]): r["loss"] for r in csv.DictReader(f)}
 
 
 @pytest.mark.parametrize("mode", ["clip", "siglip", "gcl", "rgcl", "rgcl_g"])
@@ -34,7 +25,7 @@ def test_each_loss_mode_runs(tmp_path, mode):
         cfg = _cfg(tmp_path, "--loss.mode", mode, "--train.max_steps", "3", "--loss.rho", "8.5")
     final = train.train(cfg)
     assert final["step"] == 3 and 0.0 <= final["zeroshot_top1"] <= 1.0
-    assert len(_losses(cfg.output_path)) == 3
+    assert len(logged_losses(cfg.output_path)) == 3
     assert os.path.exists(os.path.join(cfg.output_path, "latest.pt"))
 
 
@@ -45,13 +36,12 @@ def test_clipa_two_stages(tmp_path):
         "--clipa.stage2_epochs", "0.34",
     )  # fmt: skip
     train.train(cfg)
-    with open(os.path.join(cfg.output_path, "log.csv")) as f:
-        stages = [int(r["stage"]) for r in csv.DictReader(f)]
+    stages = [int(r["stage"]) for r in csv_rows(os.path.join(cfg.output_path, "log.csv"))]
     assert stages[0] == 1 and stages[-1] == 2
 
 
 @pytest.mark.parametrize("mode", ["rgcl", "rgcl_g", "clip"])
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path, mode):
+def test_resume_reproduces_the_uninterruptedlogged_losses(tmp_path, mode):
     """Exact, with one CPU thread: with several, some CPU reductions split work by thread at run
     time, so even two fresh runs differ at ~1e-7. Both runs share one tokenizer file: HF BPE training
     breaks count ties nondeterministically; a resumed run always reloads its own saved tokenizer."""
@@ -77,7 +67,7 @@ def _resume_case(tmp_path, mode):
     parts = _cfg(tmp_path / "parts", *args)
     assert train.train(parts, stop_at=7)["interrupted"]  # mid-epoch: 6 batches per epoch
     train.train(_cfg(tmp_path / "parts", *args, "--ckpt.resume", "latest"))
-    got, want = _losses(parts.output_path), _losses(whole.output_path)
+    got, want = logged_losses(parts.output_path), logged_losses(whole.output_path)
     assert got.keys() == want.keys() == set(range(1, 11))
     assert got == want, "a resumed run must reproduce every loss bit for bit"
 

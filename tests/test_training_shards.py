@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from training_helpers import csv_rows, logged_losses
 
 from training import train
 from training.config import parse_args
@@ -101,11 +102,8 @@ def test_training_on_shards_resumes_exactly(shards, tmp_path):
         torch.set_num_threads(threads)
     assert final["step"] == 7
 
-    def losses(run):
-        with open(os.path.join(run, "log.csv")) as f:
-            return {int(r["step"]): r["loss"] for r in csv.DictReader(f)}
-
-    assert losses(parts.output_path) == losses(whole.output_path) and len(losses(whole.output_path)) == 7
+    want = logged_losses(whole.output_path)
+    assert logged_losses(parts.output_path) == want and len(want) == 7
 
 
 @pytest.mark.parametrize("preset", ["cc3m-b16", "laion-b16"])
@@ -117,5 +115,4 @@ def test_paper_presets_run_at_tiny_size_on_shards(shards, tmp_path, preset):
                       "--train.max_steps", "2", "--log.every_steps", "1", "--run.output_dir", str(tmp_path),
                       "--run.device", "cpu"])  # fmt: skip
     assert train.train(cfg)["step"] == 2
-    with open(os.path.join(cfg.output_path, "log.csv")) as f:
-        assert [r["stage"] for r in csv.DictReader(f)] == ["1", "1"]
+    assert [r["stage"] for r in csv_rows(os.path.join(cfg.output_path, "log.csv"))] == ["1", "1"]

@@ -4,6 +4,7 @@ Everything is a function of the TrainConfig (and the run directory), so a resume
 same objects and then loads their state.
 """
 
+import itertools
 import math
 import os
 
@@ -15,7 +16,7 @@ from fastclip_kernels.optim import FusedAdamW, FusedLAMB
 
 from .data.captions import LaCLIPSampler, VeCLIPMixer, WithCaptionChoice
 from .data.datasets import CaptionFolderDataset, ImageFolderClasses, ImageTransform, SkipCorrupt, normalize
-from .data.stream import ShardStream, expand_urls
+from .data.stream import ShardStream, iter_captions
 from .data.synthetic import SyntheticScenes, SyntheticZeroShot
 from .model import param_groups
 from .tokenizer import CaptionTokenizer
@@ -67,19 +68,10 @@ def _caption_choice(cfg):
     return None
 
 
-def _shard_captions(cfg, limit=100_000):
-    """Captions of the first shards (up to ``limit``) to train the tokenizer on."""
-    import itertools
-    import json
-
-    import webdataset as wds
-
-    urls = [{"url": u} for u in expand_urls(cfg.resolve(cfg.data_path))]
-    out = []
-    for sample in itertools.islice(wds.tarfile_samples(iter(urls), handler=wds.warn_and_continue), limit):
-        meta = json.loads(sample["json"]) if "json" in sample else None
-        out += meta["captions"] if meta else [sample.get("txt", b"").decode("utf-8")]
-    return out
+def _shard_captions(cfg, limit: int | None = 100_000) -> list[str]:
+    """Captions of the first ``limit`` shard samples (all with None), e.g. to train the tokenizer on."""
+    samples = itertools.islice(iter_captions(cfg.resolve(cfg.data_path)), limit)
+    return [c for _, captions in samples for c in captions]
 
 
 def shard_stream(cfg, rank, world_size, local_batch, transform):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 
 __all__ = ["Ranks", "barrier", "gather_to_main", "mean_over_ranks", "setup", "teardown"]
 
@@ -63,19 +64,9 @@ def mean_over_ranks(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return y / ranks.world_size
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
 def gather_to_main(obj, ranks: Ranks) -> list | None:
     """[obj of rank 0, ..., obj of rank K-1] on rank 0 (tensors moved to CPU), None elsewhere."""
-    obj = _to_cpu(obj)
+    obj = tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, obj)
     if ranks.world_size == 1:
         return [obj]
     out = [None] * ranks.world_size if ranks.is_main else None

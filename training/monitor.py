@@ -49,8 +49,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def _tower_flops(seq_lens: list[int], width: int, layers: int) -> float:
-    n = torch.tensor(seq_lens, dtype=torch.float64)
-    return float(layers * (24 * n.sum() * width**2 + 4 * (n * n).sum() * width))
+    tokens, squares = sum(seq_lens), sum(n * n for n in seq_lens)  # host ints: no tensor per step
+    return float(layers * (24 * tokens * width**2 + 4 * squares * width))
 
 
 def step_flops(dims: dict, image_tokens: list[int], text_lengths: list[int]) -> float:

@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import build, checkpoint, dist
 from .config import ConfigError, parse_args
-from .data.datasets import SkipCorrupt
 from .data.sampler import GlobalIndexSampler
 from .data.stream import count_samples
 from .evaluate import retrieval_recall, zero_shot_accuracy
@@ -148,9 +147,7 @@ class Run:
         if self.sampler is None:  # shard stream
             self.dataset.set_epoch(self.epoch, skip_batches=self.position)
             workers = min(cfg.data_num_workers, len(self.dataset.urls) // self.ranks.world_size)
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=b, num_workers=workers, collate_fn=SkipCorrupt()
-            )
+            loader = build.loader(self.dataset, b, workers=workers)
         else:
             self.sampler.set_epoch(self.epoch)
             self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position * b, "seed": cfg.run_seed,

@@ -283,6 +283,15 @@ def write_shards(dataset: Dataset, out_dir, shard_size: int = 1000, quality: int
     return [pattern % k for k in range(n_shards)]
 
 
+def sample_captions(sample: dict, default_index: int = -1) -> tuple[int, list[str]]:
+    """(global index, captions) of a raw webdataset sample: its json {"captions", "index"}, else
+    ([txt], ``default_index``)."""
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        return int(meta.get("index", default_index)), list(meta["captions"])
+    return default_index, [sample.get("txt", b"").decode("utf-8")]
+
+
 class ShardDataset(IterableDataset):
     """Read shards from `write_shards` (or any jpg/txt[/json] webdataset): yields (image, captions, index).
 
@@ -302,9 +311,7 @@ class ShardDataset(IterableDataset):
         except (KeyError, *_DECODE_ERRORS):
             self.skipped += 1
             return None
-        meta = json.loads(sample["json"]) if "json" in sample else None
-        captions = meta["captions"] if meta else [sample.get("txt", b"").decode("utf-8")]
-        index = int(meta["index"]) if meta else -1
+        index, captions = sample_captions(sample)
         if self.caption_choice is not None:
             captions = self.caption_choice(captions, index)
         return apply_transform(self.transform, img, index), captions, index

@@ -24,9 +24,9 @@ import os
 import torch
 from torch.utils.data import get_worker_info
 
-from .datasets import ShardDataset
+from .datasets import ShardDataset, sample_captions
 
-__all__ = ["ShardStream", "count_samples", "expand_urls"]
+__all__ = ["ShardStream", "count_samples", "expand_urls", "iter_captions"]
 
 
 def expand_urls(urls) -> list[str]:
@@ -36,6 +36,17 @@ def expand_urls(urls) -> list[str]:
     if isinstance(urls, str):
         return [u for part in urls.split("::") for u in braceexpand.braceexpand(part)]
     return list(urls)
+
+
+def iter_captions(urls):
+    """(global index, captions) of every sample in the shards, in order; only txt / json members are
+    read into memory. Samples without json get their position as the index."""
+    import webdataset as wds
+
+    sources = ({"url": u} for u in expand_urls(urls))
+    keep = lambda name: name.endswith((".json", ".txt"))  # noqa: E731
+    samples = wds.tarfile_samples(sources, handler=wds.warn_and_continue, select_files=keep)
+    return (sample_captions(sample, position) for position, sample in enumerate(samples))
 
 
 def count_samples(urls) -> int:

@@ -14,24 +14,12 @@ Then train with ``--data.kind shards --data.path out/laclip/shards/... --data.ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from ..data.stream import iter_captions
+
 __all__ = ["main"]
-
-
-def _shard_captions(urls) -> list[tuple[int, list[str]]]:
-    import webdataset as wds
-
-    from ..data.stream import expand_urls
-
-    out = []
-    for sample in wds.tarfile_samples(iter({"url": u} for u in expand_urls(urls))):
-        meta = json.loads(sample["json"]) if "json" in sample else None
-        caps = meta["captions"] if meta else [sample["txt"].decode()]
-        out.append((int(meta["index"]) if meta else len(out), caps))
-    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +60,7 @@ def _rewrite(args, lm, gen) -> None:
         with open(args.captions, encoding="utf-8") as f:
             rows = [(i, [line.rstrip("\n")]) for i, line in enumerate(f)]
     else:
-        rows = _shard_captions(args.shards)
+        rows = list(iter_captions(args.shards))
     originals = [caps[0] for _, caps in rows]
     store = rewrite_captions(originals, lm, os.path.join(args.out, "rewrites.jsonl"),
                              num_rewrites=args.num_rewrites, batch_size=args.batch_size, **gen)  # fmt: skip
@@ -94,7 +82,7 @@ def _fuse(args, lm, gen) -> None:
 
     if not args.shards or bool(args.captioner) == bool(args.visual_captions):
         raise SystemExit("fuse: give --shards and exactly one of --captioner and --visual-captions")
-    rows = _shard_captions(args.shards)
+    rows = list(iter_captions(args.shards))
     alt = [caps[0] for _, caps in rows]
     if args.visual_captions:
         with open(args.visual_captions, encoding="utf-8") as f:

@@ -89,16 +89,17 @@ def write_augmented_shards(urls, out_dir, extra_of, shard_size: int = 1000) -> l
     (an empty list keeps just the first caption). Image bytes are copied as they are."""
     import webdataset as wds
 
+    from ..data.datasets import sample_captions
     from ..data.stream import expand_urls
 
     os.makedirs(out_dir, exist_ok=True)
     pattern = str(Path(out_dir) / "shard-%06d.tar")
     sources = [{"url": u} for u in expand_urls(urls)]
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
-        for sample in wds.tarfile_samples(iter(sources)):
-            meta = json.loads(sample["json"]) if "json" in sample else {"captions": [sample["txt"].decode()]}
-            index = int(meta.get("index", -1))
-            meta["captions"] = [meta["captions"][0], *extra_of(index)]
+        for position, sample in enumerate(wds.tarfile_samples(iter(sources))):
+            index, captions = sample_captions(sample, position)  # the index iter_captions gives
+            meta = {**(json.loads(sample["json"]) if "json" in sample else {}), "index": index}
+            meta["captions"] = [captions[0], *extra_of(index)]
             out = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
             out.update(json=meta, txt=meta["captions"][0])
             sink.write(out)
