@@ -141,6 +141,32 @@ def test_state_dict_round_trip(opt_cls):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedLAMB])
+def test_load_moves_group_tensors_to_the_params_device(opt_cls):
+    """A GPU run saves its temperature group's 0-d tensor lr; the checkpoint loads on the CPU
+    (map_location="cpu"). Loading into an optimizer whose params live elsewhere (``meta`` stands in for
+    cuda) must move that lr next to the params, or the first step after a resume fails."""
+    from fastclip_kernels.fastclip.temperature import GlobalTemperature
+
+    params, temperature = _model(), GlobalTemperature()
+    groups = _groups(params) + [temperature.param_group(lr_tau=2e-4)]
+    opt = opt_cls(groups, lr=1e-2)
+    _grads(params, 0)
+    temperature.theta.grad = torch.ones(())
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # as checkpoint.load gives it: every tensor on the CPU
+
+    meta_params = [p.detach().to("meta").requires_grad_() for p in params]
+    meta_temperature = GlobalTemperature().to("meta")
+    meta_groups = _groups(meta_params) + [meta_temperature.param_group(lr_tau=2e-4)]
+    restored = opt_cls(meta_groups, lr=1e-2)
+    restored.load_state_dict(saved)
+    lr = restored.param_groups[-1]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.device.type == "meta", f"lr stayed on {lr.device}"
+    meta_temperature.step_thresh_(restored.param_groups[-1])  # must not mix devices either
+    assert restored.param_groups[-1]["lr"].device.type == "meta"
+
+
 def test_bad_input():
     p = torch.zeros(3, requires_grad=True)
     for kw, match in [

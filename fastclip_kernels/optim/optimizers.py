@@ -74,8 +74,18 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         """torch's loader casts floating state to each param's dtype (fp32 moments and masters of a
-        bf16 param would become bf16): load, then put back the saved tensors in their own dtype."""
+        bf16 param would become bf16): load, then put back the saved tensors in their own dtype.
+
+        torch also copies tensor values inside ``param_groups`` as they are (a 0-d tensor ``lr`` saved
+        from a GPU and loaded with ``map_location="cpu"`` stays on the CPU, and the kernels then refuse
+        it): every tensor in a loaded group moves to the device of that group's parameters."""
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group["params"]:
+                device = group["params"][0].device
+                for key, value in group.items():
+                    if isinstance(value, torch.Tensor) and value.device != device:
+                        group[key] = value.to(device)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):
