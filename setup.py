@@ -3,7 +3,8 @@
 Environment:
     FASTCLIP_BUILD_CUDA   "1": build the CUDA kernels (an error without nvcc); "0": CPU only;
                           unset or "auto": CUDA iff nvcc is found (CUDA_HOME/bin, CUDA_PATH/bin, PATH).
-    FASTCLIP_CUDA_ARCHS   ";"-separated SM list for nvcc -gencode, default "80;90a".
+    FASTCLIP_CUDA_ARCHS   ";"-separated SM list for nvcc -gencode, default "80;90a"; PTX of the newest
+                          plain arch is embedded too (see ``gencode_targets``).
 
 The CUDA objects link the static CUDA runtime (hidden inside _C), so the library needs only the driver.
 """
@@ -38,15 +39,30 @@ def nvcc_for_build() -> str | None:
     return nvcc
 
 
-def gencode_flags(archs: str) -> list[str]:
-    """Turns "80;90a" into -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a."""
-    flags = []
+def gencode_targets(archs: str) -> list[str]:
+    """ "80;90a" -> ["sm_80", "sm_90a", "compute_80"]: machine code for each listed arch, plus the PTX of
+    the newest arch without a suffix, so GPUs newer than the list (sm_100, sm_120) JIT-compile the
+    kernels instead of failing with "no kernel image". Arch-specific PTX (compute_90a) would run on
+    sm_90 only, hence the plain arch. The list is stored in ``_C.build_info()["archs"]`` and
+    ``fastclip_kernels._native.cuda_kernels_run_on`` reads it with the same rules."""
+    cubins, plain = [], []
     for arch in filter(None, (a.strip() for a in archs.split(";"))):
         if not re.fullmatch(r"\d+[af]?", arch):
             raise RuntimeError(f"FASTCLIP_CUDA_ARCHS entries look like 80 or 90a, got {arch!r} in {archs!r}")
-        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    if not flags:
+        cubins.append(f"sm_{arch}")
+        if arch.isdigit():
+            plain.append(int(arch))
+    if not cubins:
         raise RuntimeError(f"FASTCLIP_CUDA_ARCHS names no architecture: {archs!r}")
+    return cubins + ([f"compute_{max(plain)}"] if plain else [])
+
+
+def gencode_flags(targets: list[str]) -> list[str]:
+    """["sm_80", "compute_80"] -> -gencode arch=compute_80,code=sm_80 -gencode arch=compute_80,code=compute_80."""
+    flags = []
+    for target in targets:
+        kind, arch = target.split("_")
+        flags += ["-gencode", f"arch=compute_{arch},code={kind}_{arch}"]
     return flags
 
 
@@ -76,14 +92,18 @@ class BuildExt(build_ext):
         if nvcc is not None:
             archs = os.environ.get("FASTCLIP_CUDA_ARCHS", "80;90a")
             flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Icsrc"]
-            flags += gencode_flags(archs)
+            targets = gencode_targets(archs)
+            flags += gencode_flags(targets)
             for src in sorted(glob.glob("csrc/cuda/*.cu")):
                 obj = os.path.join(self.build_temp, "cuda", os.path.basename(src) + ".o")
                 os.makedirs(os.path.dirname(obj), exist_ok=True)
                 print(f"nvcc {src} -> {obj}")
                 subprocess.run([nvcc, *flags, "-c", src, "-o", obj], check=True)
                 ext.extra_objects.append(obj)
-            ext.define_macros += [("FASTCLIP_WITH_CUDA", None), ("FASTCLIP_CUDA_ARCHS", f'"{archs}"')]
+            ext.define_macros += [
+                ("FASTCLIP_WITH_CUDA", None),
+                ("FASTCLIP_CUDA_ARCHS", f'"{";".join(targets)}"'),
+            ]
             ext.library_dirs.append(cudart_dir(nvcc))
             ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
             # Keep the static runtime's symbols private, so they never bind to torch's libcudart.

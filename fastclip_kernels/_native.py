@@ -43,10 +43,43 @@ def native_available() -> bool:
     return _load()[0] is not None
 
 
-def native_cuda_available() -> bool:
-    """True if ``_C`` was compiled with CUDA and torch sees a CUDA GPU."""
+def native_cuda_available(device=None) -> bool:
+    """True if ``_C`` was compiled with CUDA, torch sees a CUDA GPU, and the build has machine code or
+    PTX that runs on that GPU (``device``, default the current one)."""
     _load()
-    return _state["cuda"] and torch.cuda.is_available()
+    if not (_state["cuda"] and torch.cuda.is_available()):
+        return False
+    return cuda_kernels_run_on(torch.cuda.get_device_capability(device), build_info()["archs"])
+
+
+def cuda_kernels_run_on(capability: tuple[int, int], archs: str) -> bool:
+    """Whether kernels built for ``archs`` (``build_info()["archs"]``, e.g. "sm_80;sm_90a;compute_80")
+    run on a GPU of compute ``capability`` (major, minor), by CUDA's compatibility rules:
+
+    - ``sm_XY`` machine code runs on X.Z for Z >= Y (same major), ``sm_XYf`` likewise (family);
+    - ``sm_XYa`` (arch-specific: wgmma, setmaxnreg) runs on X.Y only;
+    - ``compute_XY`` PTX is JIT-compiled by the driver for any X'.Y' >= X.Y.
+
+    A bare "80" or "90a" (builds before PTX was embedded) reads as ``sm_80`` / ``sm_90a``.
+    """
+    major, minor = capability
+    for target in filter(None, (t.strip() for t in archs.split(";"))):
+        kind, _, arch = target.rpartition("_")
+        digits = arch.rstrip("af")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind not in ("sm", "compute", ""):
+            continue
+        if arch.endswith("a"):
+            runs = (major, minor) == built
+        elif kind == "compute" and not arch.endswith("f"):
+            runs = (major, minor) >= built
+        else:
+            runs = major == built[0] and minor >= built[1]
+        if runs:
+            return True
+    return False
 
 
 def build_info() -> dict:

@@ -41,8 +41,8 @@ def available(device) -> bool:
     lib, _ = _native._load()
     if lib is None or not hasattr(lib, "multi_tensor_adamw_cpu"):
         return False
-    if device.type == "cuda":
-        return _native.native_cuda_available()
+    if device.type == "cuda":  # built with CUDA, and for this GPU's architecture (or PTX that JITs to it)
+        return _native.native_cuda_available(device)
     return device.type == "cpu"
 
 
