@@ -10,6 +10,7 @@ share of the state that is not replicated (FastCLIP's u / tau shard, RNG states)
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-__all__ = ["Ranks", "barrier", "gather_to_main", "mean_over_ranks", "setup", "teardown"]
+__all__ = ["Ranks", "barrier", "cuda_device_index", "gather_to_main", "mean_over_ranks", "setup", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,45 @@ class Ranks:
         return self.rank == 0
 
 
-def setup(device_kind: str) -> Ranks:
-    """Ranks of this process; ``device_kind`` is "cpu" or "cuda" (from the config)."""
+def setup(device_kind: str, timeout_minutes: float | None = None) -> Ranks:
+    """Ranks of this process; ``device_kind`` is "cpu" or "cuda" (from the config). ``timeout_minutes``
+    bounds how long a collective may wait before the process group aborts (torch's default, 10 minutes
+    for NCCL, when None)."""
     if dist.is_available() and dist.is_initialized():
         rank, world, owns = dist.get_rank(), dist.get_world_size(), False
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, owns = int(os.environ.get("RANK", "0")), world > 1
         if owns:
-            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+            timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
+            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=timeout)
     if device_kind == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
-        torch.cuda.set_device(local)
-        return Ranks(rank, world, torch.device("cuda", local), owns)
+        index = cuda_device_index(os.environ.get("LOCAL_RANK"), rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return Ranks(rank, world, torch.device("cuda", index), owns)
     return Ranks(rank, world, torch.device("cpu"), owns)
+
+
+def cuda_device_index(local_rank: str | None, rank: int, visible: int) -> int:
+    """The CUDA ordinal this process trains on, among the ``visible`` devices.
+
+    torchrun gives each process all of a node's GPUs and its LOCAL_RANK: use ``cuda:LOCAL_RANK``.
+    Launchers that show each process only its own GPU (a scheduler's ``--gpus-per-task=1``, or
+    CUDA_VISIBLE_DEVICES set per process) still set LOCAL_RANK 0..k-1, which would be an invalid ordinal:
+    with one visible device, use it. Without LOCAL_RANK, ranks fill the visible devices round robin."""
+    if visible < 1:
+        raise RuntimeError("train.device is cuda but torch sees no CUDA device (check CUDA_VISIBLE_DEVICES)")
+    if local_rank is None or local_rank == "":
+        return rank % visible
+    local = int(local_rank)
+    if local < visible:
+        return local
+    if visible == 1:
+        return 0
+    raise RuntimeError(
+        f"LOCAL_RANK={local} but this process sees {visible} CUDA devices (0..{visible - 1}); give each "
+        "process all of the node's GPUs (torchrun's default) or exactly one"
+    )
 
 
 def teardown(ranks: Ranks) -> None:
