@@ -1,4 +1,4 @@
-"""Which GPUs the native CUDA kernels run on, decided on a CPU machine.
+"""Which GPUs the native CUDA kernels run on, and their stream safety, checked on a CPU machine.
 
 setup.py builds machine code for FASTCLIP_CUDA_ARCHS ("80;90a") plus the PTX of the newest plain arch,
 and records the targets in ``_C.build_info()["archs"]``; ``native.available`` reads them, so
@@ -115,3 +115,38 @@ def test_nvcc_packs_machine_code_and_ptx(tmp_path):
     assert proc.returncode == 0, proc.stderr
     images = set(re.findall(r"--image3=kind=(\w+),sm=(\w+)", proc.stdout + proc.stderr))
     assert images == {("elf", "80"), ("elf", "90a"), ("ptx", "80")}, images
+
+
+def test_table_used_from_a_side_stream_is_recorded_on_it(monkeypatch):
+    """The metadata table is freed on eviction; a side stream that read it must be recorded on the tensor
+    (record_stream), or the allocator may reuse the memory while that stream's kernel still runs."""
+
+    class FakeStream:
+        def __init__(self, handle):
+            self.cuda_stream, self.waited = handle, []
+
+        def wait_event(self, event):
+            self.waited.append(event)
+
+    class FakeTensor:
+        def __init__(self):
+            self.recorded = []
+
+        def record_stream(self, stream):
+            self.recorded.append(stream.cuda_stream)
+
+        def data_ptr(self):
+            return 1234
+
+    main, side = FakeStream(7), FakeStream(8)
+    table = object.__new__(native._Table)
+    table.tensor, table.event, table.streams = FakeTensor(), object(), {main.cuda_stream}
+    current = {"stream": main}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda = torch.device("cuda", 0)
+    assert table.ptr(cuda) == 1234 and table.tensor.recorded == []  # the stream that made it
+    current["stream"] = side
+    table.ptr(cuda)
+    table.ptr(cuda)
+    assert table.tensor.recorded == [8] and side.waited == [table.event]

@@ -80,11 +80,16 @@ class _Table:
             self.tensor = self.host
 
     def ptr(self, device: torch.device) -> int:
-        """The table's address, after ordering the current stream behind the copy if needed."""
+        """The table's address, after ordering the current stream behind the copy if needed.
+
+        A stream other than the one that made the table is also recorded on the tensor
+        (``record_stream``), so when the cache evicts the table the allocator waits for that stream's
+        queued kernels before it hands the memory to anyone else."""
         if device.type == "cuda" and self.event is not None:
             stream = torch.cuda.current_stream(device)
             if stream.cuda_stream not in self.streams and not torch.cuda.is_current_stream_capturing():
                 stream.wait_event(self.event)
+                self.tensor.record_stream(stream)
                 self.streams.add(stream.cuda_stream)
         return self.tensor.data_ptr()
 
