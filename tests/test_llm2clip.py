@@ -9,7 +9,7 @@ import torch
 
 from training.llm2clip.adapter import AdapterTextTower, TextAdapter
 from training.llm2clip.cache import CacheTokenizer, EmbeddingCache, build_cache, run_texts
-from training.llm2clip.contrastive import caption_pairs, caption_retrieval_accuracy, finetune
+from training.llm2clip.contrastive import caption_pairs, caption_retrieval_accuracy, finetune, top1_rates
 from training.llm2clip.encoder import mean_pool
 
 GROUPS = [
@@ -105,7 +105,7 @@ def test_finetune_trains_lora_adapters_or_the_whole_model(minilm, lora):
     enc = minilm()
     base = {n: p.detach().clone() for n, p in enc.model.named_parameters()}
     losses = finetune(enc, GROUPS, steps=4, batch_size=4, lora=lora, lr=1e-3)
-    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses.shape == (4,) and torch.isfinite(losses).all()
     changed = {n for n, p in enc.model.named_parameters() if n in base and not torch.equal(p, base[n])}
     lora_names = {n for n, _ in enc.model.named_parameters() if "lora_" in n}
     if lora:
@@ -115,6 +115,35 @@ def test_finetune_trains_lora_adapters_or_the_whole_model(minilm, lora):
         assert not lora_names and len(changed) > 10
     with pytest.raises(ValueError, match="exceeds the 6 images"):
         finetune(enc, GROUPS, steps=1, batch_size=7, lora=False)
+
+
+def test_tuning_and_scoring_stay_on_the_encoders_device():
+    """``meta`` stands in for a GPU: every tensor the tuning makes (scale, targets) must be on the encoder's
+    device, and a step must not read the loss back to the host (a meta tensor cannot be read). (A
+    transformers model cannot switch train/eval on meta, so a linear encoder over hashed texts stands in.)"""
+
+    class MetaEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(HashEncoder.dim, 8, device="meta")
+
+        def forward(self, texts):
+            return torch.nn.functional.normalize(self.proj(HashEncoder().encode(texts).to("meta")), dim=-1)
+
+    losses = finetune(MetaEncoder(), GROUPS, steps=2, batch_size=4, lora=False, lr=1e-3)
+    assert losses.device.type == "meta" and losses.shape == (2,)
+    first = torch.randn(5, 8, device="meta")
+    assert top1_rates(first, first).device.type == "meta"
+
+
+def test_cache_files_are_device_neutral(tmp_path, monkeypatch):
+    """Shards load with map_location="cpu" (a cache written on cuda:0 must load on a CPU-only machine and
+    on every rank's own device), then go to the device asked for."""
+    build_cache(HashEncoder(), ["a dog", "a cat"], tmp_path / "c")
+    seen, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or load(*a, **k))
+    cache = EmbeddingCache(tmp_path / "c", device="meta")
+    assert seen == ["cpu"] and cache.table.device.type == "meta"
 
 
 def test_cache_round_trip_and_errors(tmp_path):

@@ -36,7 +36,7 @@ def build_cache(
     for k, start in enumerate(range(0, len(distinct), shard_rows)):
         emb = encoder.encode(distinct[start : start + shard_rows], batch_size).to(getattr(torch, dtype))
         name = f"emb-{k:05d}.pt"
-        torch.save(emb.contiguous(), os.path.join(out_dir, name))
+        torch.save(emb.detach().cpu().contiguous(), os.path.join(out_dir, name))  # device-neutral file
         shards.append({"file": name, "rows": emb.shape[0]})
     index = {"dim": encoder.dim, "dtype": dtype, "model": getattr(encoder, "model_name", ""), "shards": shards,
              "texts": distinct}  # fmt: skip
@@ -46,9 +46,10 @@ def build_cache(
 
 
 class EmbeddingCache:
-    """A built cache: ``table`` [rows, dim] and ``row_of(text)``."""
+    """A built cache: ``table`` [rows, dim] on ``device`` (CPU by default: the adapter tower that holds
+    it moves with the model to each rank's device) and ``rows(texts)``."""
 
-    def __init__(self, path):
+    def __init__(self, path, device="cpu"):
         index_path = os.path.join(path, "index.json")
         if not os.path.exists(index_path):
             raise FileNotFoundError(
@@ -56,8 +57,11 @@ class EmbeddingCache:
             )
         with open(index_path) as f:
             self.index = json.load(f)
-        parts = [torch.load(os.path.join(path, s["file"]), weights_only=True) for s in self.index["shards"]]
-        self.table = torch.cat(parts)
+        parts = [
+            torch.load(os.path.join(path, s["file"]), map_location="cpu", weights_only=True)
+            for s in self.index["shards"]
+        ]  # files saved from a GPU would otherwise land on the device they were saved from (cuda:0)
+        self.table = torch.cat(parts).to(device)
         if self.table.shape != (len(self.index["texts"]), self.index["dim"]):
             raise ValueError(f"{path}: table {tuple(self.table.shape)} does not match its index")
         self._row = {t: i for i, t in enumerate(self.index["texts"])}

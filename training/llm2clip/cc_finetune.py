@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lora", choices=["auto", "yes", "no"], default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the encoder runs and tunes: cpu, cuda, cuda:1 ...")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    encoder = MeanPoolEncoder(args.model)
+    encoder = MeanPoolEncoder(args.model, device=args.device)
     train, test = split_groups(args.data, "train"), split_groups(args.data, "test")
     before = caption_retrieval_accuracy(encoder, test)
     print(f"CRA before: {before}", flush=True)
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     lora = {"auto": None, "yes": True, "no": False}[args.lora]
     losses = finetune(encoder, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=lora,
                       seed=args.seed, log=lambda m: print(m, flush=True))  # fmt: skip
+    losses = losses.tolist()
     seconds = time.perf_counter() - tic
     after = caption_retrieval_accuracy(encoder, test)
     print(f"CRA after: {after}", flush=True)

@@ -24,7 +24,14 @@ from fastclip_kernels.optim import FusedAdamW
 
 from .encoder import MeanPoolEncoder
 
-__all__ = ["add_lora", "caption_pairs", "caption_retrieval_accuracy", "finetune", "save_encoder"]
+__all__ = [
+    "add_lora",
+    "caption_pairs",
+    "caption_retrieval_accuracy",
+    "finetune",
+    "save_encoder",
+    "top1_rates",
+]
 
 CC_TAU = 0.02
 
@@ -46,10 +53,16 @@ def caption_retrieval_accuracy(encoder: MeanPoolEncoder, groups, batch_size: int
         raise ValueError("caption retrieval needs at least 2 images with 2 captions each")
     first = encoder.encode([g[0] for g in usable], batch_size)
     second = encoder.encode([g[1] for g in usable], batch_size)
-    sims, target = first @ second.T, torch.arange(len(usable))
-    a = float((sims.argmax(1) == target).float().mean())
-    b = float((sims.argmax(0) == target).float().mean())
+    a, b = top1_rates(first, second).tolist()
     return {"c0_to_c1": a, "c1_to_c0": b, "mean": (a + b) / 2, "n": len(usable)}
+
+
+def top1_rates(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """first, second [n, d] (row i of each: one image) -> [2] top-1 rates first->second, second->first,
+    computed on their device (fp32 scores; argmax ties go to the lowest index)."""
+    sims = first.float() @ second.float().T
+    target = torch.arange(sims.shape[0], device=sims.device)
+    return torch.stack([(sims.argmax(1) == target).float().mean(), (sims.argmax(0) == target).float().mean()])
 
 
 def add_lora(encoder: MeanPoolEncoder, r: int = 16, alpha: int = 16, dropout: float = 0.05) -> bool:
@@ -72,9 +85,9 @@ def add_lora(encoder: MeanPoolEncoder, r: int = 16, alpha: int = 16, dropout: fl
 def finetune(
     encoder: MeanPoolEncoder, groups, *, steps: int, batch_size: int = 64, lr: float | None = None,
     tau: float = CC_TAU, lora: bool | None = None, seed: int = 0, log=None,
-) -> list[float]:  # fmt: skip
-    """CC fine-tuning for ``steps`` steps of ``batch_size`` images (one caption pair each); returns the
-    losses. ``lora``: None = LoRA when peft is installed; lr default 2e-4 with LoRA, 2e-5 without."""
+) -> torch.Tensor:  # fmt: skip
+    """CC fine-tuning for ``steps`` steps of ``batch_size`` images (one caption pair each) on the
+    encoder's device; returns the losses [steps] on that device (no host read unless ``log`` is given). ``lora``: None = LoRA when peft is installed; lr default 2e-4 with LoRA, 2e-5 without."""
     usable = _usable(groups)
     if len(usable) < batch_size:
         raise ValueError(f"batch_size={batch_size} exceeds the {len(usable)} images with 2+ captions")
@@ -83,8 +96,9 @@ def finetune(
         raise ImportError("lora=True needs peft: pip install peft")
     params = [p for p in encoder.parameters() if p.requires_grad]
     opt = FusedAdamW(params, lr=lr or (2e-4 if use_lora else 2e-5), weight_decay=0.0)
-    loss_fn, scale = FastContrastiveLoss(), torch.tensor(1.0 / tau)
-    rng, losses = random.Random(seed), []
+    device = params[0].device
+    loss_fn, scale = FastContrastiveLoss(), torch.tensor(1.0 / tau, device=device)
+    rng, losses = random.Random(seed), torch.zeros(steps, device=device)
     encoder.train()
     for step in range(steps):
         pairs = caption_pairs(rng.sample(usable, batch_size), rng)
@@ -93,9 +107,9 @@ def finetune(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses[step] = loss.detach()  # stays on the device: read back only to log
         if log is not None and (step + 1) % 50 == 0:
-            log(f"cc step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            log(f"cc step {step + 1}/{steps} loss {losses[step - 49 : step + 1].mean().item():.4f}")
     encoder.eval()
     return losses
 
