@@ -3,6 +3,9 @@
 The interpreter accepts code that the GPU compiler rejects, so this is the guard that the kernels
 CI runs under TRITON_INTERPRET=1 are also valid GPU kernels: tensor-core MMA (wgmma), no register
 spills, shared memory within the 227 KiB an H100/H200 block may use.
+
+Twice: with the installed Triton, and with the GPU machine's Triton 3.6 from the cached second venv
+that scripts/setup_triton36.sh makes (``$FASTCLIP_TRITON36_VENV``; skipped with a reason when absent).
 """
 
 import json
@@ -17,13 +20,41 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMEM_LIMIT = 227 * 1024
 
 
-@pytest.fixture(scope="module")
-def reports():
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
+TRITON36_VENV = pathlib.Path(
+    os.environ.get("FASTCLIP_TRITON36_VENV")
+    or pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    / "fastclip-kernels"
+    / "venv-triton3.6"
+)
+
+
+def _python(triton: str) -> str:
+    """The interpreter to compile with: this one, or the Triton 3.6 venv's."""
+    if triton == "installed":
+        pytest.importorskip(
+            "triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed"
+        )
+        return sys.executable
+    python = TRITON36_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no Triton 3.6 venv at {TRITON36_VENV}: run scripts/setup_triton36.sh")
+    return str(python)
+
+
+@pytest.fixture(scope="module", params=["installed", "3.6"], ids=lambda t: f"triton-{t}")
+def reports(request):
+    python = _python(request.param)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if request.param != "installed":
+        version = subprocess.run(
+            [python, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True
+        )
+        assert version.stdout.strip() == "3.6.0", (
+            f"{python}: triton {version.stdout.strip()} {version.stderr[-500:]}"
+        )
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "compile_for_hopper.py")],
+        [python, str(ROOT / "tests" / "compile_for_hopper.py")],
         env=env,
         capture_output=True,
         text=True,
