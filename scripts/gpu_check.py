@@ -74,7 +74,7 @@ class Stage:
     shards: int = 1  # pytest processes side by side (Triton compiles on the CPU; the machine has 16 cores)
 
 
-NOT_KERNELS = "not training and not distributed and not rewrite and not llm2clip and not hopper_compile and not cuda_compile"
+NOT_KERNELS = "not training and not distributed and not rewrite and not llm2clip and not hopper_compile and not cuda_compile and not gpu_check"
 STAGES = (
     Stage("install", 90, "pip install --no-build-isolation --no-deps -e . (CUDA part by nvcc for sm_90a)"),
     Stage("env", 20, "python -m fastclip_kernels, nvidia-smi clocks, versions, measured bf16 matmul peak"),
