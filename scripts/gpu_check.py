@@ -77,7 +77,7 @@ class Stage:
 NOT_KERNELS = "not training and not distributed and not rewrite and not llm2clip and not hopper_compile and not cuda_compile and not gpu_check"
 STAGES = (
     Stage("install", 90, "pip install --no-build-isolation --no-deps -e . (CUDA part by nvcc for sm_90a)"),
-    Stage("env", 20, "python -m fastclip_kernels, nvidia-smi clocks, versions, measured bf16 matmul peak"),
+    Stage("env", 30, "python -m fastclip_kernels, nvidia-smi clocks, versions, measured bf16 matmul peak"),
     Stage("gpu_tests", 100, "the GPU-only tests (-m gpu): bf16 kernels vs fp64, CUDA kernels, no host sync",
           (Selection("gpu", "tests", marker="gpu",
                      covers=("contrastive", "sigmoid", "anchor", "attention", "fastclip", "optim_native", "row_dot",
@@ -86,8 +86,8 @@ STAGES = (
           (Selection("kernels", "tests", marker="not gpu", keyword=NOT_KERNELS,
                      covers=("contrastive", "sigmoid", "anchor", "attention", "patch_embed", "optim", "fastclip",
                              "packed")),), shards=6),
-    Stage("benchmarks", 120, "headline shapes, peers side by side: loss, varlen attention, optimizer, B/16 step", (
-        Selection("loss", "benchmarks", keyword="contrastive_loss_gpu and fwd+bwd and not inf_cl", budget_s=55,
+    Stage("benchmarks", 110, "headline shapes, peers side by side: loss, varlen attention, optimizer, B/16 step", (
+        Selection("loss", "benchmarks", keyword="contrastive_loss_gpu and fwd+bwd and not inf_cl", budget_s=50,
                   covers=("b4096-N32768", "b8192-N65536", "b32768-N32768", "materialized", "compiled", "fastclip")),
         Selection("attention", "benchmarks", budget_s=25,
                   keyword="varlen_attention_gpu and fwd+bwd and (ours or torch_varlen or sdpa_padded or torch_nested)",

@@ -209,14 +209,11 @@ def with_peer_ratios(rows: list[dict]) -> list[dict]:
 def install_stage(win: Window, stage, timeout: float) -> tuple[str, dict]:
     env = {**win.env, "FASTCLIP_CUDA_ARCHS": os.environ.get("FASTCLIP_CUDA_ARCHS", "90a")}
     pip = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
+    deadline = time.monotonic() + timeout
     code = run(pip, win.out / "install.log", env, timeout)
-    if code != 0:  # e.g. an old pip: build in place instead (PYTHONPATH already points here)
-        code = run(
-            [sys.executable, "setup.py", "build_ext", "--inplace"],
-            win.out / "install-inplace.log",
-            env,
-            win.left(),
-        )
+    if code not in (0, None):  # pip refused (e.g. too old for PEP 660): build in place (on PYTHONPATH)
+        inplace = [sys.executable, "setup.py", "build_ext", "--inplace"]
+        code = run(inplace, win.out / "install-inplace.log", env, deadline - time.monotonic())
     probe = "from fastclip_kernels._native import build_info; print(build_info())"
     info = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, env=win.env, capture_output=True, text=True
@@ -229,7 +226,7 @@ SMI = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,pow
 
 def env_stage(win: Window, stage, timeout: float) -> tuple[str, dict]:
     deadline = time.monotonic() + timeout
-    code = run([sys.executable, "-m", "fastclip_kernels"], win.out / "env.txt", win.env, timeout / 2)
+    code = run([sys.executable, "-m", "fastclip_kernels"], win.out / "env.txt", win.env, 0.6 * timeout)
     report = {"fastclip_kernels": (win.out / "env.txt").read_text()[-3000:]}
     for name, cmd in (
         ("nvidia_smi", ["nvidia-smi", f"--query-gpu={SMI}", "--format=csv"]),
