@@ -1,5 +1,6 @@
 """Benchmark session: collects result rows and, with FASTCLIP_BENCH_SAVE=1, writes them to
-benchmarks/results/<machine>.csv (then `python benchmarks/report.py` regenerates the README table)."""
+benchmarks/results/<machine>.csv (then `python benchmarks/report.py` regenerates the README table);
+FASTCLIP_BENCH_RESULTS_DIR writes that CSV to another folder (scripts/gpu_check.py: its OUT_DIR)."""
 
 import csv
 import os
@@ -27,7 +28,10 @@ def pytest_sessionfinish(session, exitstatus):
     if not ROWS or os.environ.get("FASTCLIP_BENCH_SAVE") != "1":
         return
     tag = ROWS[0]["gpu"] if ROWS[0]["gpu"] != "none" else "cpu"
-    path = pathlib.Path(__file__).parent / "results" / f"{tag.replace(' ', '_')}.csv"
+    folder = pathlib.Path(
+        os.environ.get("FASTCLIP_BENCH_RESULTS_DIR") or pathlib.Path(__file__).parent / "results"
+    )
+    path = folder / f"{tag.replace(' ', '_')}.csv"
     existing = list(csv.DictReader(path.open())) if path.exists() else []
     keep = [r for r in existing if (r["bench"], r["shape"]) not in {(x["bench"], x["shape"]) for x in ROWS}]
     fields = list(dict.fromkeys(key for row in keep + ROWS for key in row))  # union, first-seen order

@@ -5,6 +5,7 @@ Triton module is imported, so it is set here at collection time.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -21,3 +22,15 @@ def _seed():
 def triton_device() -> str:
     """Where the Triton kernels run: the GPU if there is one, else CPU under the interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+GPU_REASON = re.compile(r"\b(GPU|CUDA)\b")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that skips without a GPU carries the ``gpu`` marker, so ``-m gpu`` selects them all
+    (scripts/gpu_check.py runs them first in a GPU window): a ``skipif`` whose reason names GPU or CUDA
+    marks its test, besides the tests marked ``gpu`` explicitly."""
+    for item in items:
+        if any(GPU_REASON.search(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)

@@ -180,6 +180,8 @@ class Run:
         self.last_lr = self.lr()
         build.set_lr(self.opt, self.last_lr, self.model.temperature, cfg.loss_lr_tau_schedule)
         lengths = lengths.tolist()
+        if keep_idx is not None:  # drawn on the host; the patch embedding wants it beside the images
+            keep_idx = keep_idx.to(self.device, non_blocking=True)
         with autocast(cfg, self.device):
             img, txt = self.net(
                 images.to(self.device, non_blocking=True), ids.to(self.device), lengths, keep_idx
