@@ -342,3 +342,22 @@ def test_model_init_from_the_command_line(tmp_path, tok, monkeypatch):
     cfg = parse_args([*argv, "--model.init", f"hf:{tmp_path / 'hf'}", "--model.size", "small"])
     with pytest.raises(ValueError, match="num_attention_heads|num_hidden_layers"):
         build_model(cfg, tok.vocab_size)
+
+
+def test_exported_folder_starts_a_run_with_its_tokenizer(tmp_path, tok, monkeypatch):
+    """hf:DIR + data.tokenizer DIR/tokenizer.json: the new run's towers give the exported model's features."""
+    import training.config as config_module
+
+    monkeypatch.setitem(config_module.MODEL_SIZES, "tiny", (W, LAYERS, HEADS, 8, W, LAYERS, HEADS, DIM))
+    model = _ours(tok.vocab_size)
+    export_hf(model, tok, str(tmp_path / "hf"))
+    cfg = parse_args(["--data.context_length", str(CTX), "--data.image_size", "32", "--model.init",
+                      f"hf:{tmp_path / 'hf'}", "--data.tokenizer", str(tmp_path / "hf" / "tokenizer.json")])  # fmt: skip
+    new_tok = CaptionTokenizer.load(cfg.data_tokenizer)
+    assert new_tok.eot_id == tok.vocab_size - 1
+    started = build_model(cfg, new_tok.vocab_size).eval()
+    ids, lengths = tok.encode_batch(TEXTS, CTX)
+    new_ids, new_lengths = new_tok.encode_batch(TEXTS, CTX)
+    assert torch.equal(new_lengths, lengths)
+    with torch.no_grad():
+        assert _rel(started.text(new_ids, lengths=new_lengths), model.text(ids, lengths=lengths)) < 1e-5
