@@ -95,12 +95,14 @@ def test_export_hf_features_equal_ours(tmp_path, tok, pos_embed):
     export_hf(model, tok, str(tmp_path))
     hf = CLIPModel.from_pretrained(tmp_path).eval()
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
-    ids, lengths = tok.encode_batch(TEXTS, CTX)
-    enc = hf_tok(TEXTS, padding="max_length", truncation=True, max_length=CTX, return_tensors="pt")
+    texts = [*TEXTS, f"a {tok.decode([tok.vocab_size - 1])}"]  # the token whose id EOT takes
+    ids, lengths = tok.encode_batch(texts, CTX)
+    assert (ids == tok.vocab_size - 1).any()
+    enc = hf_tok(texts, padding="max_length", truncation=True, max_length=CTX, return_tensors="pt")
     perm = eot_last_permutation(tok.vocab_size, tok.eot_id)
     assert torch.equal(enc.input_ids, torch.where(ids == 0, 0, perm[ids]))  # our ids, EOT renumbered
     assert hf.config.text_config.eos_token_id == tok.vocab_size - 1 != 2
-    images = torch.randn(3, 3, 32, 32)
+    images = torch.randn(4, 3, 32, 32)
     ours_img, ours_txt = _our_features(model, images, ids, lengths)
     with torch.no_grad():
         hf_img = _feat(hf.get_image_features(pixel_values=images))
