@@ -10,7 +10,7 @@ the token that had it, rows of the token embedding swapped alike). HF CLIP pools
 position unless ``eos_token_id == 2`` (then the highest id); open_clip pools the highest id; ours pools
 the last token of each caption, which is the EOT. With EOT at the top id all three pool the same token.
 
-In an open_clip environment (open_clip_torch >= 2.32)::
+In an open_clip environment (open_clip_torch >= 3.0, for the ``local-dir:`` schema)::
 
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR")
     tokenizer = open_clip.get_tokenizer("local-dir:DIR")
