@@ -363,3 +363,21 @@ def test_exported_folder_starts_a_run_with_its_tokenizer(tmp_path, tok, monkeypa
     assert torch.equal(new_lengths, lengths)
     with torch.no_grad():
         assert _rel(started.text(new_ids, lengths=new_lengths), model.text(ids, lengths=lengths)) < 1e-5
+
+
+def test_import_a_vision_only_folder(tmp_path, tok):
+    """CLIPVisionModelWithProjection (e.g. a saved LLM2CLIP vision encoder) feeds hf-vision:, not hf:."""
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(3)
+    hf = _perturb(
+        CLIPVisionModelWithProjection(_hf_config(tok.vocab_size, act="quick_gelu").vision_config), 3
+    )
+    hf.save_pretrained(tmp_path)
+    model = _ours(tok.vocab_size)
+    with pytest.raises(ValueError, match="holds only a vision tower"):
+        init_from_hf(model, f"hf:{tmp_path}")
+    init_from_hf(model, f"hf-vision:{tmp_path}")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel(model.visual(images), hf(pixel_values=images).image_embeds) < 1e-5

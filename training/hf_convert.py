@@ -149,30 +149,41 @@ def parse_init(spec: str) -> tuple[tuple[str, ...], str]:
     return INIT_KINDS[kind], path
 
 
-def read_hf_folder(path: str):
-    """(CLIPConfig, state dict) of a local Hugging Face CLIP folder; ValueError saying what is wrong."""
+def read_hf_folder(path: str) -> tuple[dict, dict]:
+    """({tower: its HF config}, state dict) of a local Hugging Face folder holding a ``CLIPModel``
+    (both towers), a ``CLIPVisionModelWithProjection`` or a ``CLIPTextModelWithProjection``;
+    ValueError saying what is wrong."""
+    import json
     import os
 
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     if not os.path.isdir(path):
         raise ValueError(f"Hugging Face CLIP folder not found: {path!r}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
         raise ValueError(f"{path!r} has no config.json: not a Hugging Face model folder")
-    try:
-        config = CLIPConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{path!r}/config.json is not a CLIP config: {e}") from None
-    if config.model_type != "clip":
-        raise ValueError(f"{path!r} holds a {config.model_type!r} model, not a CLIP (model_type 'clip')")
+    with open(config_file) as fh:
+        model_type = json.load(fh).get("model_type")
+    kinds = {"clip": CLIPConfig, "clip_vision_model": CLIPVisionConfig, "clip_text_model": CLIPTextConfig}
+    if model_type not in kinds:
+        raise ValueError(
+            f"{path!r} holds a {model_type!r} model, not a CLIP (model_type one of {list(kinds)})"
+        )
+    config = kinds[model_type].from_pretrained(path, local_files_only=True)
+    configs = (
+        {"vision": config.vision_config, "text": config.text_config}
+        if model_type == "clip"
+        else {"vision" if model_type == "clip_vision_model" else "text": config}
+    )
     weights = os.path.join(path, "model.safetensors")
     if os.path.isfile(weights):
         from safetensors.torch import load_file
 
-        return config, load_file(weights)
+        return configs, load_file(weights)
     weights = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(weights):
-        return config, torch.load(weights, map_location="cpu", weights_only=True)
+        return configs, torch.load(weights, map_location="cpu", weights_only=True)
     raise ValueError(
         f"{path!r} has no model.safetensors or pytorch_model.bin (sharded weights: not supported)"
     )
@@ -212,7 +223,12 @@ def init_from_hf(model: nn.Module, spec: str) -> None:
     to our grid, text positions cut to our context length. The temperature is left as configured.
     A shape or architecture mismatch raises ValueError naming the parameter."""
     towers, path = parse_init(spec)
-    config, hf_state = read_hf_folder(path)
+    configs, hf_state = read_hf_folder(path)
+    missing = [t for t in towers if t not in configs]
+    if missing:  # checked before any tensor is copied: a failed init leaves the model as it was
+        raise ValueError(
+            f"{path!r} holds only a {'/'.join(configs)} tower; model.init={spec!r} needs {missing}"
+        )
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     for tower_name in towers:
         tower = model.visual if tower_name == "vision" else model.text
@@ -222,7 +238,7 @@ def init_from_hf(model: nn.Module, spec: str) -> None:
             )
         if tower_name == "vision" and not isinstance(tower.positional_embedding, nn.Parameter):
             raise ValueError("model.init with a vision tower needs model.pos_embed=learned (ours is sincos)")
-        tcfg = config.vision_config if tower_name == "vision" else config.text_config
+        tcfg = configs[tower_name]
         _check_arch(tower_name, tower, tcfg)
         mapped = from_hf_state(hf_state, tower_name, len(tower.transformer.resblocks))
         for name, value in mapped.items():
