@@ -125,6 +125,10 @@ def test_export_hf_folder_loads_offline(tmp_path, tok, monkeypatch):
     proc = CLIPImageProcessor.from_pretrained(tmp_path)
     assert proc.crop_size["height"] == 32 and proc.image_mean[0] == pytest.approx(0.48145466)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert (
+        json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
     assert hf_tok.model_max_length == CTX and hf_tok.pad_token_id == 0
     assert hf_tok.decode(hf_tok("a red dog").input_ids, skip_special_tokens=True) == "a red dog"
 

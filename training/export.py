@@ -94,6 +94,14 @@ def _export_tokenizer(tok: CaptionTokenizer, out: str, context_length: int, perm
     )
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=fast, model_max_length=context_length, **names)
     hf_tok.save_pretrained(out)
+    # The class name transformers 4 and 5 both load (5 writes its own "TokenizersBackend", unknown to 4).
+    config_file = os.path.join(out, "tokenizer_config.json")
+    with open(config_file) as fh:
+        tok_config = json.load(fh)
+    tok_config.pop("backend", None)
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_file, "w") as fh:
+        json.dump(tok_config, fh, indent=2)
     return names
 
 
