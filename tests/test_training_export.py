@@ -205,8 +205,11 @@ def test_import_mismatch_names_the_parameter(tmp_path, tok, change, message):
     if "width" in change:
         cfg.vision_config.hidden_size = change["width"]
     _hf_folder(tmp_path, cfg)
+    model = _ours(tok.vocab_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
-        init_from_hf(_ours(tok.vocab_size), f"hf:{tmp_path}")
+        init_from_hf(model, f"hf:{tmp_path}")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing half-loaded
 
 
 def test_import_bad_folders(tmp_path, tok):
