@@ -225,12 +225,13 @@ def init_from_hf(model: nn.Module, spec: str) -> None:
     towers, path = parse_init(spec)
     configs, hf_state = read_hf_folder(path)
     missing = [t for t in towers if t not in configs]
-    if missing:  # checked before any tensor is copied: a failed init leaves the model as it was
+    if missing:
         raise ValueError(
             f"{path!r} holds only a {'/'.join(configs)} tower; model.init={spec!r} needs {missing}"
         )
     params = dict(model.named_parameters()) | dict(model.named_buffers())
-    for tower_name in towers:
+    updates, activations = {}, {}
+    for tower_name in towers:  # check everything first: a failed init leaves the model as it was
         tower = model.visual if tower_name == "vision" else model.text
         if not hasattr(tower, "transformer"):
             raise ValueError(
@@ -240,8 +241,12 @@ def init_from_hf(model: nn.Module, spec: str) -> None:
             raise ValueError("model.init with a vision tower needs model.pos_embed=learned (ours is sincos)")
         tcfg = configs[tower_name]
         _check_arch(tower_name, tower, tcfg)
-        mapped = from_hf_state(hf_state, tower_name, len(tower.transformer.resblocks))
-        for name, value in mapped.items():
+        if tcfg.hidden_act not in ("gelu", "quick_gelu"):
+            raise ValueError(
+                f"{tower_name}_config.hidden_act={tcfg.hidden_act!r}: only gelu and quick_gelu run here"
+            )
+        activations[tower_name] = (tower, tcfg.hidden_act)
+        for name, value in from_hf_state(hf_state, tower_name, len(tower.transformer.resblocks)).items():
             target = params[name]
             if name.endswith("positional_embedding"):
                 value = _fit_positions(name, value, target, tower)
@@ -250,6 +255,9 @@ def init_from_hf(model: nn.Module, spec: str) -> None:
                     f"{name}: the Hugging Face checkpoint's tensor has shape {tuple(value.shape)}, "
                     f"ours {tuple(target.shape)}"
                 )
-            with torch.no_grad():
-                target.copy_(value)
-        set_activation(tower, tcfg.hidden_act)
+            updates[name] = value
+    with torch.no_grad():
+        for name, value in updates.items():
+            params[name].copy_(value)
+    for tower, hidden_act in activations.values():
+        set_activation(tower, hidden_act)
