@@ -100,6 +100,7 @@ class TrainConfig:
     model_output_dim: int | None = _f(None, "Embedding dimension; none: the size's default.")
     model_pos_embed: str = _f("learned", "Image position embeddings: learned or fixed 2-D sin-cos.")
     model_text_tower: str = _f("transformer", "Text tower: the packed transformer, or LLM2CLIP's adapter over cached embeddings.")
+    model_init: str = _f("", "Start from a local Hugging Face CLIP folder: hf:DIR (both towers), hf-vision:DIR, hf-text:DIR; empty: random init.")
     loss_mode: str = _f("rgcl_g", "Loss: clip, siglip, gcl, rgcl, rgcl_g (FastCLIP-v3).")
     loss_temperature: float = _f(0.07, "Initial temperature tau (constant for gcl; siglip: 0.1).")
     loss_gamma_min: float = _f(0.8, "FastCLIP: final inner learning rate gamma of the u estimator.")

@@ -59,7 +59,8 @@ class CLIP(nn.Module):
 
 def build_model(cfg, vocab_size: int, text_table: torch.Tensor | None = None) -> CLIP:
     """The CLIP of ``cfg`` (a TrainConfig): sizes from ``cfg.model_dims()``, attention backend "auto".
-    With ``model.text_tower=adapter`` the text tower is LLM2CLIP's adapter over ``text_table``."""
+    With ``model.text_tower=adapter`` the text tower is LLM2CLIP's adapter over ``text_table``.
+    ``model.init`` (e.g. ``hf-vision:DIR``) then loads pretrained towers (:func:`.hf_convert.init_from_hf`)."""
     d = cfg.model_dims()
     visual = PackedViT(
         getattr(cfg, "data_image_size", 64),
@@ -88,8 +89,14 @@ def build_model(cfg, vocab_size: int, text_table: torch.Tensor | None = None) ->
             attn_backend="auto",
         )
     if getattr(cfg, "loss_mode", "clip") == "siglip":
-        return CLIP(visual, text, tau_init=SIGLIP_TAU_INIT, logit_bias_init=SIGLIP_BIAS_INIT)
-    return CLIP(visual, text, tau_init=float(getattr(cfg, "loss_temperature", 0.07)))
+        model = CLIP(visual, text, tau_init=SIGLIP_TAU_INIT, logit_bias_init=SIGLIP_BIAS_INIT)
+    else:
+        model = CLIP(visual, text, tau_init=float(getattr(cfg, "loss_temperature", 0.07)))
+    if getattr(cfg, "model_init", ""):  # pretrained towers from a local Hugging Face CLIP folder
+        from .hf_convert import init_from_hf
+
+        init_from_hf(model, cfg.model_init)
+    return model
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
