@@ -51,7 +51,7 @@ BOUNDS = {  # numeric fields: allowed interval (optional fields may also be None
     "optim_warmup_steps": "[0, inf)", "optim_weight_decay": "[0, inf)", "optim_eps": "(0, inf)",
     "optim_grad_clip": "[0, inf)", "train_batch_size": "[2, inf)", "train_epochs": "(0, inf)",
     "train_max_steps": "(0, inf)", "clipa_image_keep": "(0, 1]", "clipa_stage2_epochs": "[0, inf)",
-    "clipa_stage2_lr": "(0, inf)", "eval_every_steps": "[0, inf)", "eval_batch_size": "[1, inf)",
+    "clipa_stage2_lr": "(0, inf)", "eval_every_steps": "[0, inf)", "eval_batch_size": "[1, inf)", "eval_text_length": "[3, inf)",
     "log_every_steps": "[1, inf)", "ckpt_every_steps": "[0, inf)",
 }
 # fmt: on
@@ -90,6 +90,7 @@ class TrainConfig:
     data_num_samples: int | None = _f(4096, "Training samples: how many to generate (synthetic), the count (shards); none: counted.")
     data_image_size: int = _f(64, "Image side in pixels at full resolution (stage 2 / no CLIPA).")
     data_num_workers: int = _f(2, "Data loader worker processes (0: load in the main process).")
+    data_cache_images: bool = _f(True, "flickr8k / csv: decode every training image once into memory (uint8, data.image_size).")
     data_caption_sampling: str = _f("none", "Several captions per image: none (first), laclip (uniform), veclip (mix).")
     data_veclip_p: float = _f(0.5, "VeCLIP: probability of the enriched caption instead of the alt-text.")
     data_tokenizer: str = _f("", "tokenizer.json to load; empty: train one on the training captions.")
@@ -135,6 +136,7 @@ class TrainConfig:
     eval_zeroshot_path: str = _f("", "Zero-shot set (ImageFolder-style); relative to data.root; empty: none.")
     eval_retrieval_split: str = _f("test", "Split for image<->text retrieval R@1/5/10.")
     eval_batch_size: int = _f(256, "Batch size of evaluation.")
+    eval_text_length: int | None = _f(None, "Text length of evaluation; none: the length last trained at.")
     log_every_steps: int = _f(10, "One log line (and CSV row) every N steps.")
     log_tensorboard: bool = _f(False, "Also write TensorBoard events.")
     log_progress_bar: bool = _f(True, "Show a progress bar on interactive terminals.")
