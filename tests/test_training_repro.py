@@ -45,7 +45,9 @@ def test_two_fresh_runs_write_one_tokenizer_and_equal_losses(tmp_path):
 
 
 def test_stream_seeds_are_distinct_and_named():
-    got = {seeds.stream_seed(0, s, step, rank) for s in seeds.STREAMS for step in range(3) for rank in range(2)}
+    got = {
+        seeds.stream_seed(0, s, step, rank) for s in seeds.STREAMS for step in range(3) for rank in range(2)
+    }
     assert len(got) == len(seeds.STREAMS) * 6 and all(0 <= g < 2**63 for g in got)
     assert seeds.stream_seed(5, "image_mask", 7) == seeds.stream_seed(5, "image_mask", 7, 0)
     with pytest.raises(ValueError, match="stream"):

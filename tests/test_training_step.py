@@ -28,7 +28,9 @@ def test_every_step_tensor_reaches_the_model_device(strategy):
     """A fake device (meta): the towers get only tensors on it, whatever CLIPA strategy made them."""
     cfg = parse_args(["--preset", "demo", "--clipa.image_strategy", strategy, "--clipa.text_strategy", "random",
                       "--data.context_length", "16", "--clipa.text_length", "8"])  # fmt: skip
-    tok = CaptionTokenizer.train(["a red circle on the left", "two blue squares"], vocab_size=40, min_frequency=1)
+    tok = CaptionTokenizer.train(
+        ["a red circle on the left", "two blue squares"], vocab_size=40, min_frequency=1
+    )
     seen = {}
 
     def towers(images, ids, lengths, keep_idx):

@@ -232,7 +232,7 @@ class Run:
                 os.path.join(self.run_dir, "latest.pt") if cfg.ckpt_resume == "latest" else cfg.ckpt_resume
             )
         monitor = Monitor(cfg, self.run_dir, self.total, self.step, enabled=self.ranks.is_main)
-        tic, seen, flops = time.perf_counter(), 0, 0.0
+        tic, seen, flops, skipped = time.perf_counter(), 0, 0.0, 0
         while self.step < self.total:
             for batch in self._epoch_batches():
                 if self.step >= self.total:
@@ -242,11 +242,13 @@ class Run:
                 self.last_lr = self.lr()
                 loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
                 self.step, self.position = self.step + 1, self.position + 1
-                seen, flops = seen + len(batch.indices), flops + step_flop
+                seen, flops, skipped = seen + len(batch.indices), flops + step_flop, skipped + batch.skipped
                 monitor.advance(loss.item() if monitor.bar is not None else None)
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total:
                     elapsed = time.perf_counter() - tic
-                    monitor.log(self._row(loss, seen / elapsed, flops / elapsed, batch.skipped))
+                    skipped = dist.sum_over_ranks(skipped, self.ranks)  # all ranks, since the last row
+                    monitor.log(self._row(loss, seen / elapsed, flops / elapsed, skipped))
+                    skipped = 0
                     tic, seen, flops = time.perf_counter(), 0, 0.0
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total:
                     monitor.eval(self.evaluate())
