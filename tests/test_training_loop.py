@@ -9,8 +9,8 @@ import torch
 from training_helpers import csv_rows, logged_losses, tiny_argv
 
 from training import checkpoint, train
-from training.objective import Objective
 from training.config import parse_args
+from training.objective import Objective
 
 TINY = tiny_argv(96)
 
