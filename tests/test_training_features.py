@@ -143,3 +143,12 @@ def test_compare_table(tmp_path):
     assert row["samples/s"] == 20.0 and row["steps"] == 7
     text = table([row])
     assert "| mini-a | 7 | 20.0 | 12.5% |" in text and summary(str(tmp_path / "none")) is None
+
+
+@pytest.mark.parametrize("entry,missing", [("train", "PIL"), ("rewrite", "tqdm")])
+def test_console_script_names_the_missing_extra(entry, missing):
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            f"from training.cli import {entry}\nsys.exit({entry}(['--help']))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "pip install 'fastclip-kernels[train]'" in out.stderr

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from training.data.datasets import normalize
+from .data.datasets import normalize
 
 __all__ = ["encode_texts", "fill_template", "recall_at", "retrieval_embeddings", "retrieval_recall",
            "zero_shot_accuracy"]  # fmt: skip
