@@ -58,8 +58,9 @@ class EpochBatches(Sampler[BatchKey]):
         tail = order[self.steps * b :]  # this rank's rows dropped by drop_last: the first spares
         for s in range(self.position, self.steps):
             nxt = [order[((s + t) % self.steps) * b + j] for t in range(1, SPARE_STEPS + 1) for j in range(b)]
-            spares = [i for i in tail + nxt if i not in set(order[s * b : (s + 1) * b])]
-            yield BatchKey(self.epoch, order[s * b : (s + 1) * b], spares)
+            rows = order[s * b : (s + 1) * b]
+            taken = set(rows)
+            yield BatchKey(self.epoch, rows, [i for i in tail + nxt if i not in taken])
 
 
 class ImageCache:
