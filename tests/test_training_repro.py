@@ -27,7 +27,7 @@ def test_tokenizer_training_writes_identical_files(tmp_path):
     assert CaptionTokenizer.load(paths[0]).decode(ids[0]) == "a small red circle"
 
 
-def test_two_fresh_runs_write_one_tokenizer_and_equal_losses(tmp_path):
+def test_two_fresh_runs_write_one_tokenizer_and_equal_losses(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thread-count reductions differ at ~1e-7 otherwise
     try:
@@ -39,6 +39,10 @@ def test_two_fresh_runs_write_one_tokenizer_and_equal_losses(tmp_path):
             dirs.append(cfg.output_path)
     finally:
         torch.set_num_threads(threads)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step=")]
+    assert lines and all("mfu=" not in ln for ln in lines), "no empty mfu= on CPU"
+    gammas = [ln.split("gamma=")[1].split()[0] for ln in lines]
+    assert all(len(g.split(".")[1]) == 4 for g in gammas), gammas
     a, b = (os.path.join(d, "tokenizer.json") for d in dirs)
     assert filecmp.cmp(a, b, shallow=False), "two fresh runs trained different tokenizers"
     assert logged_losses(dirs[0]) == logged_losses(dirs[1])

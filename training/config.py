@@ -108,7 +108,7 @@ class TrainConfig:
     loss_rho: float = _f(8.5, "FastCLIP: rho of RGCL / RGCL-g (6.5 CC3M, 8.5 CC12M, 16 LAION).")
     loss_eps: float = _f(1e-14, "FastCLIP: epsilon in log(eps + g) (1e-6 in the LAION recipe).")
     loss_lr_tau: float = _f(2e-4, "FastCLIP: learning rate of the temperature (rgcl_g, rgcl).")
-    loss_lr_tau_schedule: str = _f("step_thresh", "Temperature LR: step_thresh (x1/3 once tau <= 0.03), const, cosine.")
+    loss_lr_tau_schedule: str = _f("step_thresh", "Temperature LR (rgcl_g): step_thresh (x1/3 once tau <= 0.03), const, cosine (lr_tau to 0 over the run).")
     optim_name: str = _f("adamw", "Optimizer (the library's fused versions).")
     optim_lr: float = _f(1e-3, "Peak learning rate, reached after warmup.")
     optim_min_lr: float = _f(0.0, "Floor of the cosine learning-rate decay.")
