@@ -5,6 +5,7 @@ Everything is a function of the TrainConfig (and the run directory), so a resume
 same objects and then loads their state.
 """
 
+import hashlib
 import math
 import os
 
@@ -26,8 +27,10 @@ def loader(dataset, batch_size, workers=0):
 
 
 def tokenizer(cfg, captions, run_dir):
-    """Load ``data.tokenizer`` or the run's own, else train one on the captions and save it (the
-    training is deterministic, see ``CaptionTokenizer.train``)."""
+    """Load ``data.tokenizer`` or the run's own, else the one trained on the same captions and vocabulary
+    size by an earlier run under ``run.output_dir/tokenizers/``, else train one and save it there: HF's
+    trainer may order merges of equal count differently between runs, so runs of one dataset share one
+    tokenizer (same seed, same model)."""
     if cfg.model_text_tower == "adapter":  # LLM2CLIP: captions map to rows of the embedding cache
         from .llm2clip.cache import CacheTokenizer, EmbeddingCache
 
@@ -35,7 +38,14 @@ def tokenizer(cfg, captions, run_dir):
     path = cfg.data_tokenizer or os.path.join(run_dir, "tokenizer.json")
     if os.path.exists(path):
         return CaptionTokenizer.load(path)
-    tok = CaptionTokenizer.train(captions, vocab_size=cfg.data_vocab_size, min_frequency=1)
+    key = hashlib.sha256("\n".join([str(cfg.data_vocab_size), *captions]).encode()).hexdigest()[:16]
+    shared = os.path.join(cfg.run_output_dir, "tokenizers", f"{key}.json")  # one per (captions, vocab size)
+    if os.path.exists(shared):
+        tok = CaptionTokenizer.load(shared)
+    else:
+        tok = CaptionTokenizer.train(captions, vocab_size=cfg.data_vocab_size, min_frequency=1)
+        os.makedirs(os.path.dirname(shared), exist_ok=True)
+        tok.save(shared)
     tok.save(path)
     return tok
 

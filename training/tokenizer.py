@@ -36,7 +36,7 @@ def _require_tokenizers():
 
 
 def _canonical_ids(tok):
-    """``tok`` with ids: specials, sorted base symbols, then merge results in merge order."""
+    """``tok`` with ids: specials, sorted base symbols, then the sorted merge results."""
     import json
 
     tk = _require_tokenizers()
@@ -46,7 +46,7 @@ def _canonical_ids(tok):
     merged = ["".join(m) for m in merges]
     produced = set(merged) | set(SPECIAL_TOKENS)
     base = sorted(t for t in model["vocab"] if t not in produced)
-    order = list(SPECIAL_TOKENS) + base + list(dict.fromkeys(merged))
+    order = list(SPECIAL_TOKENS) + base + sorted(set(merged))
     if set(order) != set(model["vocab"]):
         raise RuntimeError("BPE vocabulary is not specials + base symbols + merge results")
     model["vocab"] = {t: i for i, t in enumerate(order)}
@@ -79,9 +79,10 @@ class CaptionTokenizer:
     ) -> CaptionTokenizer:
         """Train a BPE tokenizer on ``captions`` (an iterable of strings; read once).
 
-        Deterministic: the trainer's merges are kept in order, and ids are renumbered canonically
-        (special tokens, then the single symbols sorted, then each merge's result in merge order),
-        since HF's trainer numbers the alphabet in hash order (ids differed between runs)."""
+        Ids are renumbered canonically (special tokens, the single symbols sorted, then the merge
+        results sorted), since HF's trainer numbers them in hash order: equal merge sets give equal
+        ids. (The trainer may still order merges of equal count differently; ``build.tokenizer``
+        shares one tokenizer between runs of one dataset.)"""
         if (
             isinstance(vocab_size, bool)
             or not isinstance(vocab_size, int)
