@@ -16,7 +16,7 @@ import shutil
 import subprocess
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CUDART = "libcudart_static.a"
 
@@ -120,4 +120,15 @@ ext = Pybind11Extension(
     extra_compile_args=["-O3"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+# The repository folder training/ installs as the package ``fastclip_train`` (a name of its own, not a
+# generic top-level ``training``); the console scripts point there. ``python -m training.train`` keeps
+# working from a checkout.
+TRAIN_PACKAGES = [
+    "fastclip_train" + p[len("training") :] for p in find_packages(include=["training", "training.*"])
+]
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExt},
+    packages=find_packages(include=["fastclip_kernels", "fastclip_kernels.*"]) + TRAIN_PACKAGES,
+    package_dir={"fastclip_train": "training"},
+)

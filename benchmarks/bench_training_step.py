@@ -14,6 +14,11 @@ samples/s = batch / median step time; MFU = the model FLOPs of the tokens comput
 loop's ``step_flops``: the dense baseline is charged for its padding too) over the GPU's dense bf16
 peak; ``vs_base`` = dense-full's time over this provider's (a speed-up). CPU: tiny sizes, fp32,
 reference attention, so that ``pytest benchmarks/ --benchmark-only`` passes everywhere.
+
+CPU rows (``test_training_step_cpu_attention``, CPU only): the flickr8k preset's model ("small") in
+CLIPA stage 1 (64 px images, text truncated to 16 tokens), fp32, batch ``FASTCLIP_BENCH_CPU_BATCH``
+(default 32; the preset uses 128), once with the per-sequence reference attention (before) and once
+with SDPA (after, the CPU "auto"), side by side in one run; ``vs_base`` = reference time / this one.
 """
 
 import os
@@ -108,3 +113,59 @@ def test_training_step(benchmark, record, provider):
         mfu=mfu, peak_gib=f"{peak_gib:.3f}", tflops=f"{flops / median / 1e12:.3f}",
         vs_base=f"{base / median:.3f}" if base else "",
     )  # fmt: skip
+
+
+CPU_BATCH = int(os.environ.get("FASTCLIP_BENCH_CPU_BATCH", 32))
+CPU_VIT = dict(image_size=64, patch_size=16, width=256, layers=6, heads=4, output_dim=256)
+CPU_TEXT = dict(vocab_size=4096, context_length=16, width=256, layers=4, heads=4, output_dim=256)
+
+
+def make_cpu_step(attn: str):
+    """The flickr8k preset's stage-1 step on CPU with attention backend ``attn``."""
+    torch.manual_seed(0)
+    lengths = [min(n, CPU_TEXT["context_length"]) for n in caption_lengths(CPU_BATCH, 77)]
+    images = torch.randn(CPU_BATCH, 3, CPU_VIT["image_size"], CPU_VIT["image_size"])
+    ids = torch.randint(4, CPU_TEXT["vocab_size"], (CPU_BATCH, CPU_TEXT["context_length"]))
+    vit, text = PackedViT(**CPU_VIT, attn_backend=attn), PackedTextTransformer(**CPU_TEXT, attn_backend=attn)
+    scale = torch.nn.Parameter(torch.tensor(1 / 0.07))
+    opt = FusedAdamW([*vit.parameters(), *text.parameters(), scale], lr=1e-4)
+    loss_fn = FastContrastiveLoss()
+
+    def step():
+        img = torch.nn.functional.normalize(vit(images), dim=-1)
+        txt = torch.nn.functional.normalize(text(ids, lengths=lengths), dim=-1)
+        loss = loss_fn(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU rows run on CPU machines")
+@pytest.mark.parametrize("attn", ["reference", "sdpa"])
+def test_training_step_cpu_attention(benchmark, record, attn):
+    step = make_cpu_step(attn)
+    step()
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+    median = statistics.median(benchmark.stats.stats.data)
+    _MEDIANS[f"cpu-{attn}"] = median
+    base = _MEDIANS.get("cpu-reference")
+    benchmark.extra_info.update(samples_per_s=CPU_BATCH / median)
+    record(
+        bench="training_step", shape=f"cpu-flickr8k-small-stage1-B{CPU_BATCH}", provider=f"attn-{attn}",
+        mode="step", median_ms=f"{median * 1e3:.2f}", samples_per_s=f"{CPU_BATCH / median:.1f}",
+        vs_base=f"{base / median:.3f}" if base else "",
+    )  # fmt: skip
+
+
+def test_synthetic_scenes_rate(benchmark, record):
+    """The demo's generated 64 px scenes (was a timed unit test: 5,000 in < 10 s)."""
+    from training.data.synthetic import SyntheticScenes
+
+    ds = SyntheticScenes(200, 64, seed=0)
+    benchmark.pedantic(lambda: [ds[i] for i in range(len(ds))], rounds=3, iterations=1)
+    median = statistics.median(benchmark.stats.stats.data)
+    record(bench="synthetic_scenes", shape="200x64px", provider="numpy", mode="render",
+           median_ms=f"{median * 1e3:.2f}", samples_per_s=f"{200 / median:.1f}")  # fmt: skip

@@ -132,14 +132,10 @@ def test_flickr8k_preset_runs_at_tiny_size(tmp_path):
     assert len(csv_rows(os.path.join(cfg.output_path, "log.csv"))) >= 1
 
 
-def test_compare_table(tmp_path):
-    from training.compare import summary, table
-
-    run = tmp_path / "mini-a"
-    run.mkdir()
-    (run / "metrics.json").write_text('{"step": 7, "i2t_r1": 0.125, "t2i_r1": 0.05}')
-    (run / "log.csv").write_text("step,samples_per_s\n1,10.0\n2,30.0\n3,20.0\n")
-    row = summary(str(run))
-    assert row["samples/s"] == 20.0 and row["steps"] == 7
-    text = table([row])
-    assert "| mini-a | 7 | 20.0 | 12.5% |" in text and summary(str(tmp_path / "none")) is None
+@pytest.mark.parametrize("entry,missing", [("train", "PIL"), ("rewrite", "tqdm")])
+def test_console_script_names_the_missing_extra(entry, missing):
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            f"from training.cli import {entry}\nsys.exit({entry}(['--help']))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "pip install 'fastclip-kernels[train]'" in out.stderr

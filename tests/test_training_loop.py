@@ -10,6 +10,7 @@ from training_helpers import csv_rows, logged_losses, tiny_argv
 
 from training import checkpoint, train
 from training.config import parse_args
+from training.objective import Objective
 
 TINY = tiny_argv(96)
 
@@ -74,14 +75,14 @@ def _resume_case(tmp_path, mode):
 
 def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, "--train.max_steps", "6", "--ckpt.every_steps", "2")
-    real, calls = train.loss_of, []
+    real, calls = Objective.loss, []
 
-    def poisoned(cfg, loss_fn, model, img, txt, indices):
+    def poisoned(self, model, img, txt, indices):
         calls.append(1)
-        out = real(cfg, loss_fn, model, img, txt, indices)
+        out = real(self, model, img, txt, indices)
         return out * float("nan") if len(calls) >= 3 else out
 
-    monkeypatch.setattr(train, "loss_of", poisoned)
+    monkeypatch.setattr(Objective, "loss", poisoned)
     with pytest.raises(train.NonFiniteLoss, match="at step 3"):
         train.train(cfg)
     state = checkpoint.load(os.path.join(cfg.output_path, "latest.pt"))

@@ -2,10 +2,10 @@
 own step runs on CUDA with CLIPA token reduction. Skipped without CUDA (``scripts/gpu_check.sh`` runs
 them in a GPU window with ``-m gpu``).
 
-The sync check writes the loop's step (``training/train.py``, ``Run.train_step``) out from its parts
-(model, loss call, fused optimizer, temperature clamp and LR update) with the batch already on the
+The sync check writes the loop's step (``training/step.py``, ``TrainStep``) out from its parts
+(model, the objective's loss, LR rule and clamp, fused optimizer) with the batch already on the
 device, as a pinned-memory loader with ``non_blocking`` copies delivers it, and without the loop's
-deliberate once-per-step finiteness check. CUDA's sync debug mode turns any synchronizing call into
+deliberate finiteness check. CUDA's sync debug mode turns any synchronizing call into
 an error whose traceback names the line.
 """
 
@@ -16,7 +16,8 @@ from training_helpers import logged_losses, tiny_argv
 from training import build, train
 from training.config import parse_args
 from training.model import build_model
-from training.step import autocast, loss_of, reduce_tokens
+from training.objective import Objective
+from training.step import autocast, reduce_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 MODES = ["clip", "siglip", "gcl", "rgcl", "rgcl_g"]
@@ -42,10 +43,9 @@ def _parts(mode: str):
     cfg = parse_args(["--preset", "demo", "--run.device", "cuda", "--loss.mode", mode, *CLIPA])
     device = torch.device("cuda")
     model = build_model(cfg, VOCAB).to(device)
-    loss_fn = build.loss_fn(cfg, SAMPLES, device)
-    if hasattr(loss_fn, "set_epoch"):
-        loss_fn.set_epoch(1)  # gamma < 1: the u moving average runs too
-    return cfg, device, model, loss_fn, build.optimizer(cfg, model)
+    objective = Objective(cfg, SAMPLES, device)
+    objective.set_epoch(1)  # gamma < 1: the u moving average runs too
+    return cfg, device, model, objective, build.optimizer(cfg, model, objective)
 
 
 def _batch(cfg, device, step: int):
@@ -61,27 +61,27 @@ def _batch(cfg, device, step: int):
     return on(images), on(ids), lengths.tolist(), on(keep_idx), on(indices)
 
 
-def _step(cfg, device, model, loss_fn, opt, batch) -> torch.Tensor:
+def _step(cfg, device, model, objective, opt, batch, step=10) -> torch.Tensor:
     images, ids, lengths, keep_idx, indices = batch
-    build.set_lr(opt, cfg.optim_lr, model.temperature, cfg.loss_lr_tau_schedule)
+    objective.set_lr(opt, cfg.optim_lr, model, step, 100)
     with autocast(cfg, device):
         img, txt = model(images, ids, lengths, keep_idx)
-    loss = loss_of(cfg, loss_fn, model, img.float(), txt.float(), indices)
+    loss = objective.loss(model, img.float(), txt.float(), indices)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    model.temperature.clamp_()
+    objective.after_update(model)
     return loss.detach()
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_training_steps_never_sync(mode):
-    cfg, device, model, loss_fn, opt = _parts(mode)
+    cfg, device, model, objective, opt = _parts(mode)
     batches = [_batch(cfg, device, step) for step in range(5)]
     for batch in batches[:2]:  # warm-up: Triton compiles, optimizer state is allocated
-        _step(cfg, device, model, loss_fn, opt, batch)
+        _step(cfg, device, model, objective, opt, batch)
     with SyncsAreErrors():
-        losses = [_step(cfg, device, model, loss_fn, opt, batch) for batch in batches[2:]]
+        losses = [_step(cfg, device, model, objective, opt, batch) for batch in batches[2:]]
     assert torch.isfinite(torch.stack(losses)).all()
 
 

@@ -155,10 +155,13 @@ def test_lse_and_extreme_scores_stay_finite():
         torch.testing.assert_close(lse[:, bounds[b] : bounds[b + 1]].double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_auto_on_cpu_is_sdpa_and_fp64_the_reference():
     lengths = [3, 9]
     qkv = packed_qkv(lengths, 2, 32, torch.float32, "cpu")
     cu = cu_seqlens(lengths)
+    want = varlen_attention_qkvpacked(qkv, cu, 9, backend="sdpa")
+    torch.testing.assert_close(varlen_attention_qkvpacked(qkv, cu, 9), want, rtol=0, atol=0)
+    qkv = qkv.double()
     want = varlen_attention_ref(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu)
     torch.testing.assert_close(varlen_attention_qkvpacked(qkv, cu, 9), want, rtol=0, atol=0)
 

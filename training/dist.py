@@ -18,7 +18,16 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-__all__ = ["Ranks", "barrier", "cuda_device_index", "gather_to_main", "mean_over_ranks", "setup", "teardown"]
+__all__ = [
+    "Ranks",
+    "barrier",
+    "cuda_device_index",
+    "gather_to_main",
+    "mean_over_ranks",
+    "setup",
+    "sum_over_ranks",
+    "teardown",
+]
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,15 @@ def mean_over_ranks(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / ranks.world_size
+
+
+def sum_over_ranks(n: int, ranks: Ranks) -> int:
+    """The sum of a host int over ranks (one small all-reduce; ``n`` itself when K = 1)."""
+    if ranks.world_size == 1:
+        return int(n)
+    y = torch.tensor([int(n)], dtype=torch.int64, device=ranks.device)
+    dist.all_reduce(y)
+    return int(y.item())
 
 
 def gather_to_main(obj, ranks: Ranks) -> list | None:

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from training.data.datasets import normalize
+from .data.datasets import normalize
 
-__all__ = ["encode_texts", "fill_template", "retrieval_recall", "zero_shot_accuracy"]
+__all__ = ["encode_texts", "fill_template", "recall_at", "retrieval_embeddings", "retrieval_recall",
+           "zero_shot_accuracy"]  # fmt: skip
 
 TEXT_CHUNK = 1024  # captions encoded per forward
 
@@ -67,7 +68,7 @@ def zero_shot_accuracy(
     """Top-1 / top-5 accuracy (fractions in [0, 1]) of classifying by the nearest class embedding.
 
     A class embedding is the normalized mean over ``templates`` of the normalized prompt embeddings.
-    top-5 is top-min(5, num_classes). Returns {"top1", "top5", "n"} (n: images scored)."""
+    Returns {"top1", "top5", "n"} (n: images scored); no "top5" with at most 5 classes."""
     if not classes or not templates:
         raise ValueError("zero-shot needs at least one class and one template")
     with _eval_mode(model):
@@ -87,17 +88,45 @@ def zero_shot_accuracy(
             top1 += int(hit[:, 0].sum())
             top5 += int(hit.any(dim=1).sum())
             n += images.shape[0]
-    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "n": n}
+    out = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "n": n}
+    if len(classes) <= 5:  # top-5 of at most 5 classes is always 1
+        del out["top5"]
+    return out
 
 
 @torch.no_grad()
-def retrieval_recall(model, tokenizer, loader, context_length: int, device, ks=(1, 5, 10)) -> dict:
+def retrieval_recall(model, tokenizer, loader, context_length: int, device, ks=(1, 5, 10), embeddings=None):
     """Image->text and text->image recall@k over the whole set the loader yields.
 
     Each image has one or more captions (``Batch.targets`` is a list of caption lists, or of single
     strings); image->text is a hit when any of the image's captions ranks in the top k, text->image
     when the caption's image does. k is capped at the number of candidates. Returns fractions
-    {"i2t_r{k}", "t2i_r{k}" for k in ks, "n_images", "n_texts"}."""
+    {"i2t_r{k}", "t2i_r{k}" for k in ks, "n_images", "n_texts"}. A dict given as ``embeddings``
+    receives {"image": [N_i, E], "text": [N_t, E], "owner": [N_t]} (on the CPU)."""
+    img, txt, owner_t = retrieval_embeddings(model, tokenizer, loader, context_length, device)
+    if embeddings is not None:
+        embeddings.update(image=img.cpu(), text=txt.cpu(), owner=owner_t.cpu())
+    return recall_at(img, txt, owner_t, ks)
+
+
+def recall_at(img: torch.Tensor, txt: torch.Tensor, owner_t: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Recall@k of unit-norm image [N_i, E] and text [N_t, E] embeddings; owner_t [N_t]: each text's image."""
+    sims = img @ txt.T  # [N_i, N_t]
+    n_i, n_t = sims.shape
+    i2t_top = sims.topk(min(max(ks), n_t), dim=1).indices  # [N_i, k]
+    i2t_hit = owner_t[i2t_top] == torch.arange(n_i, device=img.device).view(-1, 1)
+    t2i_top = sims.T.topk(min(max(ks), n_i), dim=1).indices  # [N_t, k]
+    t2i_hit = t2i_top == owner_t.view(-1, 1)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = float(i2t_hit[:, :k].any(dim=1).float().mean())
+        out[f"t2i_r{k}"] = float(t2i_hit[:, :k].any(dim=1).float().mean())
+    return {**out, "n_images": n_i, "n_texts": n_t}
+
+
+@torch.no_grad()
+def retrieval_embeddings(model, tokenizer, loader, context_length: int, device):
+    """(image [N_i, E], text [N_t, E] unit-norm fp32, owner [N_t]: the image of each caption)."""
     with _eval_mode(model):
         img_feats, texts, owner = [], [], []
         for batch in loader:
@@ -114,15 +143,4 @@ def retrieval_recall(model, tokenizer, loader, context_length: int, device, ks=(
             raise ValueError("retrieval needs at least one image with a caption")
         img = torch.cat(img_feats)  # [N_i, E]
         txt = encode_texts(model, tokenizer, texts, context_length, device)  # [N_t, E]
-        owner_t = torch.tensor(owner, device=img.device)  # [N_t] image of each caption
-        sims = img @ txt.T  # [N_i, N_t]
-        n_i, n_t = sims.shape
-        i2t_top = sims.topk(min(max(ks), n_t), dim=1).indices  # [N_i, k]
-        i2t_hit = owner_t[i2t_top] == torch.arange(n_i, device=img.device).view(-1, 1)
-        t2i_top = sims.T.topk(min(max(ks), n_i), dim=1).indices  # [N_t, k]
-        t2i_hit = t2i_top == owner_t.view(-1, 1)
-        out = {}
-        for k in ks:
-            out[f"i2t_r{k}"] = float(i2t_hit[:, :k].any(dim=1).float().mean())
-            out[f"t2i_r{k}"] = float(t2i_hit[:, :k].any(dim=1).float().mean())
-    return {**out, "n_images": n_i, "n_texts": n_t}
+    return img, txt, torch.tensor(owner, device=img.device)

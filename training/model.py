@@ -14,10 +14,9 @@ from torch import nn
 from fastclip_kernels.fastclip.temperature import GlobalTemperature
 from fastclip_kernels.models.packed import PackedTextTransformer, PackedViT
 
-__all__ = ["CLIP", "build_model", "param_groups"]
+from .objective import temperature_init
 
-SIGLIP_TAU_INIT = 0.1  # open_clip's SigLIP init: logit_scale = log(10)
-SIGLIP_BIAS_INIT = -10.0
+__all__ = ["CLIP", "build_model", "param_groups"]
 
 
 class CLIP(nn.Module):
@@ -88,10 +87,8 @@ def build_model(cfg, vocab_size: int, text_table: torch.Tensor | None = None) ->
             d["output_dim"],
             attn_backend="auto",
         )
-    if getattr(cfg, "loss_mode", "clip") == "siglip":
-        model = CLIP(visual, text, tau_init=SIGLIP_TAU_INIT, logit_bias_init=SIGLIP_BIAS_INIT)
-    else:
-        model = CLIP(visual, text, tau_init=float(getattr(cfg, "loss_temperature", 0.07)))
+    tau_init, bias_init = temperature_init(cfg)
+    model = CLIP(visual, text, tau_init=tau_init, logit_bias_init=bias_init)
     if getattr(cfg, "model_init", ""):  # pretrained towers from a local Hugging Face CLIP folder
         from .hf_convert import init_from_hf
 

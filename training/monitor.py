@@ -116,7 +116,7 @@ class Monitor:
         if not self.enabled:
             return
         self.log_csv.write(row)
-        self._print(" ".join(f"{k}={v}" for k, v in row.items()))
+        self._print(" ".join(f"{k}={v}" for k, v in row.items() if v != ""))  # CSV keeps every column
         self._scalars("train", row)
 
     def eval(self, row: dict) -> None:

@@ -1,24 +1,50 @@
-"""One training step's parts: CLIPA token reduction, the loss call per mode, mixed precision, and the
-syntax-masking POS table.
+"""One training step, top to bottom: batch -> tokens -> token reduction -> device -> packed towers ->
+features -> loss -> backward -> update.
 
-Token reduction is seeded by (run seed, step): a resumed run draws the same masks. Image masks are
-drawn for the whole global batch and rank r takes rows r, r + K, ... (the rows of its samples in the
-single-process batch, see ``GlobalIndexSampler``), so they do not depend on the number of ranks K;
-random / block text masks are drawn per rank (seeded by rank too). Truncation, resize and syntax
-masking are deterministic.
+``TrainStep.__call__`` is the whole step; ``to_device`` is the only place a batch moves to the model's
+device (images, ids, CLIPA's keep_idx, the global indices). CLIPA token reduction is seeded by
+``seeds.generator`` from (run seed, step) for image masks, drawn for the whole global batch so that
+rank r's rows (r, r + K, ...) do not depend on K, and from (run seed, step, rank) for random / block
+text masks. Truncation, resize and syntax masking are deterministic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 
 from fastclip_kernels import tokens
 from fastclip_kernels.tokens.pos_table import build_pos_rank, load_pos_rank, save_pos_rank
 
-__all__ = ["autocast", "kept_patches", "loss_of", "pos_table", "reduce_tokens"]
+from . import dist
+from .monitor import step_flops
+from .seeds import generator
+
+__all__ = ["DeviceBatch", "NonFiniteLoss", "TrainStep", "autocast", "pos_table", "reduce_tokens", "to_device"]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class DeviceBatch(NamedTuple):
+    """A step's inputs on the model's device: images [B, 3, H, W], ids [B, L], keep_idx [B, k] or None,
+    indices [B] (global); lengths stay a host list (the packed towers' cu_seqlens are built from it)."""
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    lengths: list[int]
+    keep_idx: torch.Tensor | None
+    indices: torch.Tensor
+
+
+def to_device(images, ids, lengths, keep_idx, indices, device) -> DeviceBatch:
+    """Every tensor of the step to ``device`` (the one move of the step)."""
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return DeviceBatch(move(images), move(ids), [int(n) for n in lengths], move(keep_idx), move(indices))
 
 
 def kept_patches(cfg, grid: tuple[int, int]) -> int:
@@ -28,7 +54,7 @@ def kept_patches(cfg, grid: tuple[int, int]) -> int:
 def reduce_tokens(cfg, images, ids, lengths, step: int, ranks, patch_size: int, pos_rank=None):
     """CLIPA stage 1: (images (resized), ids, lengths, keep_idx [B, k] or None); ``ranks``: (rank, K)."""
     rank, world = ranks
-    gen = torch.Generator().manual_seed(cfg.run_seed * 1_000_003 + step)
+    gen = generator(cfg.run_seed, "image_mask", step)
     keep_idx, strategy = None, cfg.clipa_image_strategy
     grid, rows = (images.shape[-2] // patch_size, images.shape[-1] // patch_size), images.shape[0] * world
     if strategy == "random":
@@ -45,10 +71,53 @@ def reduce_tokens(cfg, images, ids, lengths, step: int, ranks, patch_size: int, 
             ids, lengths = tokens.syntax_mask(ids, lengths, cfg.clipa_text_length, pos_rank)
         else:
             fn = {"truncate": tokens.truncate, "random": tokens.random_mask, "block": tokens.block_mask}[text]
-            text_gen = torch.Generator().manual_seed((cfg.run_seed * 1_000_003 + step) * 1009 + rank)
-            extra = {} if text == "truncate" else {"generator": text_gen}
+            extra = (
+                {} if text == "truncate" else {"generator": generator(cfg.run_seed, "text_mask", step, rank)}
+            )
             ids, lengths = fn(ids, lengths, cfg.clipa_text_length, **extra)
     return images, ids, lengths, keep_idx
+
+
+class TrainStep:
+    """One optimizer step of a run: ``step(batch, step, stage, lr) -> (mean loss over ranks, FLOPs)``.
+
+    Args: cfg (TrainConfig), tok (``encode_batch(texts, L) -> ids, lengths``), net (the model, maybe
+    DDP / compiled), model (the bare CLIP), objective (``training.objective.Objective``), optimizer,
+    ranks (``dist.Ranks``), device, pos_rank (syntax masking's table or None).
+    """
+
+    def __init__(self, cfg, tok, net, model, objective, optimizer, ranks, device, pos_rank=None):
+        self.cfg, self.tok, self.net, self.model, self.objective = cfg, tok, net, model, objective
+        self.opt, self.ranks, self.device, self.pos_rank = optimizer, ranks, device, pos_rank
+        self.patch = cfg.model_dims()["patch_size"]
+
+    def __call__(self, batch, step: int, stage: int, lr: float, total_steps: int):
+        cfg = self.cfg
+        texts = [t if isinstance(t, str) else t[0] for t in batch.targets]
+        ids, lengths = self.tok.encode_batch(texts, cfg.data_context_length)
+        images, keep_idx = batch.images, None
+        if stage == 1:
+            ranks = (self.ranks.rank, self.ranks.world_size)
+            images, ids, lengths, keep_idx = reduce_tokens(
+                cfg, images, ids, lengths, step, ranks, self.patch, self.pos_rank
+            )
+        x = to_device(images, ids, lengths.tolist(), keep_idx, batch.indices, self.device)
+        self.objective.set_lr(self.opt, lr, self.model, step, total_steps)
+        with autocast(cfg, self.device):
+            img, txt = self.net(x.images, x.ids, x.lengths, x.keep_idx)
+        loss = self.objective.loss(self.model, img.float(), txt.float(), x.indices)
+        mean_loss = dist.mean_over_ranks(loss, self.ranks)
+        if not torch.isfinite(mean_loss):
+            raise NonFiniteLoss(
+                f"non-finite loss {mean_loss.item()} at step {step + 1}; last checkpoint kept"
+            )
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.objective.after_update(self.model)
+        grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
+        n_img = keep_idx.shape[1] if keep_idx is not None else grid[0] * grid[1]
+        return mean_loss, step_flops(cfg.model_dims(), [n_img] * len(texts), x.lengths)
 
 
 def pos_table(cfg, tokenizer, run_dir: str, is_main: bool = True):
@@ -69,16 +138,6 @@ def pos_table(cfg, tokenizer, run_dir: str, is_main: bool = True):
             f"clipa.pos_table has {table.numel()} entries; the tokenizer has {tokenizer.vocab_size}"
         )
     return table
-
-
-def loss_of(cfg, loss_fn, model, img, txt, indices):
-    """The configured loss of the features; ``model`` gives the temperature (and SigLIP's bias)."""
-    if cfg.loss_mode == "clip":
-        return loss_fn(img, txt, model.temperature())
-    if cfg.loss_mode == "siglip":
-        return loss_fn(img, txt, model.temperature(), model.logit_bias)
-    scale = None if cfg.loss_mode == "rgcl" else model.temperature()
-    return loss_fn(img, txt, scale, indices)
 
 
 def autocast(cfg, device: torch.device):

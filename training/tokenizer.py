@@ -35,6 +35,26 @@ def _require_tokenizers():
     return tokenizers
 
 
+def _canonical_ids(tok):
+    """``tok`` with ids: specials, sorted base symbols, then the sorted merge results."""
+    import json
+
+    tk = _require_tokenizers()
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    merged = ["".join(m) for m in merges]
+    produced = set(merged) | set(SPECIAL_TOKENS)
+    base = sorted(t for t in model["vocab"] if t not in produced)
+    order = list(SPECIAL_TOKENS) + base + sorted(set(merged))
+    if set(order) != set(model["vocab"]):
+        raise RuntimeError("BPE vocabulary is not specials + base symbols + merge results")
+    model["vocab"] = {t: i for i, t in enumerate(order)}
+    for entry in spec.get("added_tokens", []):
+        entry["id"] = model["vocab"][entry["content"]]
+    return tk.Tokenizer.from_str(json.dumps(spec))
+
+
 class CaptionTokenizer:
     """Wraps a ``tokenizers.Tokenizer``; ``sot``/``eot``/``unk`` name its special tokens."""
 
@@ -57,7 +77,12 @@ class CaptionTokenizer:
     def train(
         cls, captions: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2
     ) -> CaptionTokenizer:
-        """Train a BPE tokenizer on ``captions`` (an iterable of strings; read once)."""
+        """Train a BPE tokenizer on ``captions`` (an iterable of strings; read once).
+
+        Ids are renumbered canonically (special tokens, the single symbols sorted, then the merge
+        results sorted), since HF's trainer numbers them in hash order: equal merge sets give equal
+        ids. (The trainer may still order merges of equal count differently; ``build.tokenizer``
+        shares one tokenizer between runs of one dataset.)"""
         if (
             isinstance(vocab_size, bool)
             or not isinstance(vocab_size, int)
@@ -81,7 +106,7 @@ class CaptionTokenizer:
             show_progress=False,
         )
         tok.train_from_iterator((str(c) for c in captions), trainer=trainer)
-        return cls(tok)
+        return cls(_canonical_ids(tok))
 
     @classmethod
     def from_file(

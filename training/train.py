@@ -27,18 +27,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import build, checkpoint, dist
 from .config import ConfigError, parse_args
+from .data import sources
 from .data.sampler import GlobalIndexSampler
 from .data.stream import count_samples
 from .evaluate import retrieval_recall, zero_shot_accuracy
 from .model import build_model
-from .monitor import Monitor, peak_flops, peak_memory_gib, step_flops
-from .step import autocast, loss_of, pos_table, reduce_tokens
+from .monitor import Monitor, peak_flops, peak_memory_gib
+from .objective import Objective
+from .seeds import stream_seed
+from .step import NonFiniteLoss, TrainStep, autocast, pos_table
 
 __all__ = ["NonFiniteLoss", "main", "train"]
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def train(cfg, stop_at: int | None = None) -> dict:
@@ -66,24 +65,26 @@ class Run:
             raise ConfigError("loss_mode=siglip runs on one process only (no distributed SigLIP loss yet)")
         self.cfg, self.ranks, self.device = cfg, ranks, ranks.device
         self.local_batch, self.run_dir = cfg.train_batch_size // K, cfg.output_path
-        torch.manual_seed(cfg.run_seed)
+        torch.manual_seed(stream_seed(cfg.run_seed, "model_init"))
         os.makedirs(self.run_dir, exist_ok=True)
         if ranks.is_main:
             cfg.save(os.path.join(self.run_dir, "config.json"))
         self.stage1_size = (
             cfg.clipa_image_resize if cfg.clipa_image_strategy == "resize" else cfg.data_image_size
         )
-        self.transform = build.train_transform(cfg, cfg.data_image_size)
-        self.dataset, captions = build.train_dataset(cfg, self.transform)
+        self.transform = sources.train_transform(cfg, cfg.data_image_size)
+        self.dataset, captions = sources.train_dataset(cfg, self.transform)
         self.tok = self._on_main_first(lambda: build.tokenizer(cfg, captions, self.run_dir))
         self.pos_rank = self._on_main_first(lambda: pos_table(cfg, self.tok, self.run_dir, ranks.is_main))
         self.num_samples = len(self.dataset) if self.dataset is not None else cfg.data_num_samples
         self.num_samples = self.num_samples or count_samples(cfg.resolve(cfg.data_path))
         if self.dataset is None:
-            self.dataset = build.shard_stream(cfg, ranks.rank, K, self.local_batch, self.transform)
-            self.sampler = None
+            self.dataset = sources.shard_stream(cfg, ranks.rank, K, self.local_batch, self.transform)
+            self.batches = self.loader = None
         else:
-            self.sampler = GlobalIndexSampler(len(self.dataset), K, ranks.rank, seed=cfg.run_seed)
+            sampler = GlobalIndexSampler(len(self.dataset), K, ranks.rank, seed=cfg.run_seed)
+            self.batches, self.loader = sources.train_batches(cfg, self.dataset, sampler, self.local_batch,
+                                                              self.transform)  # fmt: skip
         table = self.tok.cache.table if hasattr(self.tok, "cache") else None
         self.model = build_model(cfg, self.tok.vocab_size, table).to(self.device)
         if cfg.train_activation_checkpointing:
@@ -91,7 +92,7 @@ class Run:
                 tower.set_grad_checkpointing(True)
         if self.stage1_size != cfg.data_image_size:
             self.model.visual.resize_pos_embed(self.stage1_size)
-        self.loss_fn = build.loss_fn(cfg, self.num_samples, self.device, ranks.rank, K)
+        self.objective = Objective(cfg, self.num_samples, self.device, ranks.rank, K)
         self._new_optimizer()
         self.steps_per_epoch = max(1, self.num_samples // cfg.train_batch_size)
         self.stage1_steps = max(1, math.ceil(cfg.train_epochs * self.steps_per_epoch))
@@ -109,12 +110,14 @@ class Run:
 
     def _new_optimizer(self) -> None:
         """Optimizer (and DDP / compile wrappers) for the current parameters (again after a resize)."""
-        self.opt = build.optimizer(self.cfg, self.model)
+        self.opt = build.optimizer(self.cfg, self.model, self.objective)
         net = self.model
         if self.ranks.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = DistributedDataParallel(net, device_ids=ids)
         self.net = torch.compile(net) if self.cfg.train_compile else net
+        self.train_step = TrainStep(self.cfg, self.tok, self.net, self.model, self.objective, self.opt,
+                                    self.ranks, self.device, self.pos_rank)  # fmt: skip
 
     # -- schedule --------------------------------------------------------------------------------
     def lr(self) -> float:
@@ -141,99 +144,70 @@ class Run:
     # -- data ------------------------------------------------------------------------------------
     def _epoch_batches(self):
         """This epoch's batches from ``position`` on (at most ``steps_per_epoch - position``)."""
-        cfg, b = self.cfg, self.local_batch
-        if self.transform is not None:
-            self.transform.set_epoch(self.epoch)
-        if self.sampler is None:  # shard stream
+        self.objective.set_epoch(self.epoch)
+        if self.batches is not None:  # map-style data: one loader for the run, keyed by (epoch, step)
+            self.batches.start(self.epoch, self.position)
+            loader = self.loader
+        else:  # shard stream
+            if self.transform is not None:
+                self.transform.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch, skip_batches=self.position)
-            workers = min(cfg.data_num_workers, len(self.dataset.urls) // self.ranks.world_size)
-            loader = build.loader(self.dataset, b, workers=workers)
-        else:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position * b, "seed": cfg.run_seed,
-                                          "world_size": self.ranks.world_size})  # fmt: skip
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
-            loader = build.loader(self.dataset, b, self.sampler, cfg.data_num_workers)
-        if hasattr(self.loss_fn, "set_epoch"):
-            self.loss_fn.set_epoch(self.epoch)
+            workers = min(self.cfg.data_num_workers, len(self.dataset.urls) // self.ranks.world_size)
+            loader = build.loader(self.dataset, self.local_batch, workers=workers)
         return itertools.islice(loader, max(0, self.steps_per_epoch - self.position))
 
-    # -- one step ----------------------------------------------------------------------------------
-    def train_step(self, batch) -> tuple[torch.Tensor, float]:
-        """Forward, backward and update on one batch; (mean loss over ranks, model FLOPs of this rank)."""
-        cfg, patch = self.cfg, self.cfg.model_dims()["patch_size"]
-        texts = [t if isinstance(t, str) else t[0] for t in batch.targets]
-        ids, lengths = self.tok.encode_batch(texts, cfg.data_context_length)
-        images, keep_idx = batch.images, None
-        if self.stage == 1:
-            images, ids, lengths, keep_idx = reduce_tokens(
-                cfg,
-                images,
-                ids,
-                lengths,
-                self.step,
-                (self.ranks.rank, self.ranks.world_size),
-                patch,
-                self.pos_rank,
-            )
-        self.last_lr = self.lr()
-        build.set_lr(self.opt, self.last_lr, self.model.temperature, cfg.loss_lr_tau_schedule)
-        lengths = lengths.tolist()
-        if keep_idx is not None:  # drawn on the host; the patch embedding wants it beside the images
-            keep_idx = keep_idx.to(self.device, non_blocking=True)
-        with autocast(cfg, self.device):
-            img, txt = self.net(
-                images.to(self.device, non_blocking=True), ids.to(self.device), lengths, keep_idx
-            )
-        loss = loss_of(cfg, self.loss_fn, self.model, img.float(), txt.float(), batch.indices.to(self.device))
-        mean_loss = dist.mean_over_ranks(loss, self.ranks)
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLoss(
-                f"non-finite loss {mean_loss.item()} at step {self.step + 1}; last checkpoint kept"
-            )
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.model.temperature.clamp_()
-        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-        n_img = keep_idx.shape[1] if keep_idx is not None else grid[0] * grid[1]
-        return mean_loss, step_flops(cfg.model_dims(), [n_img] * len(texts), lengths)
-
-    def tau(self) -> float:
-        state = getattr(self.loss_fn, "state", None)
-        if self.cfg.loss_mode == "rgcl" and getattr(state, "tau", None) is not None:
-            return float(state.tau.mean())  # per-sample temperatures: mean over rank 0's shard
-        return float(1 / self.model.temperature().detach())
-
     # -- evaluation and checkpoints ----------------------------------------------------------------
+    def eval_text_length(self) -> int:
+        """``eval.text_length``, else the length the model was last trained at (CLIPA stage 1: truncated)."""
+        if self.cfg.eval_text_length:
+            return self.cfg.eval_text_length
+        stage1_text = self.stage == 1 and self.cfg.clipa_text_strategy != "none"
+        return (
+            min(self.cfg.clipa_text_length, self.cfg.data_context_length)
+            if stage1_text
+            else self.cfg.data_context_length
+        )
+
+    def _eval_batches(self, size: int) -> dict:
+        """The evaluation sets at ``size`` px, decoded once and kept as uint8 batches."""
+        if size not in self.eval_sets:
+            cfg, sets = self.cfg, sources.eval_sets(self.cfg, size)
+            keep = lambda ds: list(build.loader(ds, cfg.eval_batch_size, cfg.data_num_workers))  # noqa: E731
+            zs = sets["zero_shot"]
+            self.eval_sets[size] = {
+                "zero_shot": None if zs is None else (keep(zs[0]), zs[1], zs[2]),
+                "retrieval": None if sets["retrieval"] is None else keep(sets["retrieval"]),
+            }
+        return self.eval_sets[size]
+
     def evaluate(self) -> dict:
-        """Zero-shot and retrieval metrics (rank 0) at the model's current resolution."""
+        """Zero-shot and retrieval metrics (rank 0) at the model's current resolution and the text length
+        it was last trained at; the retrieval embeddings go to ``<run>/embeddings/step_<N>.pt``."""
         metrics = {"step": self.step}
         if self.ranks.is_main:
-            size = self.model.visual.image_size[0]
-            if size not in self.eval_sets:
-                self.eval_sets[size] = build.eval_sets(self.cfg, size)
-            sets, cfg = self.eval_sets[size], self.cfg
+            cfg, length = self.cfg, self.eval_text_length()
+            sets = self._eval_batches(self.model.visual.image_size[0])
             with autocast(cfg, self.device):
                 if sets["zero_shot"] is not None:
-                    ds, classes, templates = sets["zero_shot"]
-                    dl = build.loader(ds, cfg.eval_batch_size)
+                    batches, classes, templates = sets["zero_shot"]
                     acc = zero_shot_accuracy(
-                        self.model, self.tok, dl, classes, templates, cfg.data_context_length, self.device
+                        self.model, self.tok, batches, classes, templates, length, self.device
                     )
                     metrics.update({f"zeroshot_{k}": v for k, v in acc.items()})
                 if sets["retrieval"] is not None:
-                    dl = build.loader(sets["retrieval"], cfg.eval_batch_size)
-                    metrics.update(
-                        retrieval_recall(self.model, self.tok, dl, cfg.data_context_length, self.device)
-                    )
+                    emb = {}
+                    metrics.update(retrieval_recall(self.model, self.tok, sets["retrieval"], length, self.device,
+                                                    embeddings=emb))  # fmt: skip
+                    os.makedirs(os.path.join(self.run_dir, "embeddings"), exist_ok=True)
+                    torch.save({**emb, "step": self.step, "text_length": length,
+                                "image_size": self.model.visual.image_size[0]},
+                               os.path.join(self.run_dir, "embeddings", f"step_{self.step}.pt"))  # fmt: skip
         dist.barrier(self.ranks)
         return metrics
 
     def save(self) -> None:
         shards = dist.gather_to_main(
-            {"loss": self.loss_fn.state_dict(), "rng": checkpoint.rng_state()}, self.ranks
+            {"loss": self.objective.state_dict(), "rng": checkpoint.rng_state()}, self.ranks
         )
         if self.ranks.is_main:
             checkpoint.save(os.path.join(self.run_dir, "latest.pt"), model=self.model, optimizer=self.opt,
@@ -248,7 +222,7 @@ class Run:
             self._enter_stage2()
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.loss_fn.load_state_dict(state["loss"])
+        self.objective.load_state_dict(state["loss"])
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict:
@@ -258,20 +232,23 @@ class Run:
                 os.path.join(self.run_dir, "latest.pt") if cfg.ckpt_resume == "latest" else cfg.ckpt_resume
             )
         monitor = Monitor(cfg, self.run_dir, self.total, self.step, enabled=self.ranks.is_main)
-        tic, seen, flops = time.perf_counter(), 0, 0.0
+        tic, seen, flops, skipped = time.perf_counter(), 0, 0.0, 0
         while self.step < self.total:
             for batch in self._epoch_batches():
                 if self.step >= self.total:
                     break
                 if self.stage == 1 and self.step >= self.stage1_steps:
                     self._enter_stage2()
-                loss, step_flop = self.train_step(batch)
+                self.last_lr = self.lr()
+                loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
                 self.step, self.position = self.step + 1, self.position + 1
-                seen, flops = seen + len(batch.indices), flops + step_flop
+                seen, flops, skipped = seen + len(batch.indices), flops + step_flop, skipped + batch.skipped
                 monitor.advance(loss.item() if monitor.bar is not None else None)
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total:
                     elapsed = time.perf_counter() - tic
-                    monitor.log(self._row(loss, seen / elapsed, flops / elapsed, batch.skipped))
+                    skipped = dist.sum_over_ranks(skipped, self.ranks)  # all ranks, since the last row
+                    monitor.log(self._row(loss, seen / elapsed, flops / elapsed, skipped))
+                    skipped = 0
                     tic, seen, flops = time.perf_counter(), 0, 0.0
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total:
                     monitor.eval(self.evaluate())
@@ -295,9 +272,13 @@ class Run:
     def _row(self, loss, local_rate: float, local_flops: float, skipped: int) -> dict:
         mfu = f"{local_flops / self.peak:.4f}" if self.peak else ""
         return dict(step=self.step, epoch=self.epoch, stage=self.stage, loss=f"{loss.item():.9g}",
-                    lr=f"{self.last_lr:.3e}", tau=f"{self.tau():.4f}", gamma=getattr(self.loss_fn, "gamma", ""),
+                    lr=f"{self.last_lr:.3e}", tau=f"{self.objective.tau(self.model):.4f}", gamma=_fmt(self.objective.gamma),
                     samples_per_s=f"{local_rate * self.ranks.world_size:.1f}", mfu=mfu,
                     peak_mem_gib=f"{peak_memory_gib(self.device):.2f}", skipped=skipped)  # fmt: skip
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "" if value is None else f"{float(value):.{digits}f}"
 
 
 def main(argv=None) -> int:

@@ -101,13 +101,16 @@ class ImageTransform:
         side = min(w, h)  # fallback: the central square
         return (w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2
 
+    def generator(self, index: int, epoch: int | None = None) -> torch.Generator:
+        """The augmentation stream of sample ``index`` in ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        key = int(uniform01(self.seed, int(epoch), int(index), _AUGMENT_SALT) * 2**53)
+        return torch.Generator().manual_seed(key)
+
     def __call__(self, img: Image.Image, index: int | None = None) -> torch.Tensor:
         s = self.size
         if self.train:
-            gen = None
-            if index is not None:
-                key = int(uniform01(self.seed, self.epoch, int(index), _AUGMENT_SALT) * 2**53)
-                gen = torch.Generator().manual_seed(key)
+            gen = None if index is None else self.generator(index)
             img = img.resize((s, s), Image.BICUBIC, box=self._crop_box(*img.size, gen))
             if torch.rand((), generator=gen) < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)

@@ -94,12 +94,12 @@ class CacheTokenizer:
 
 def run_texts(cfg) -> list[str]:
     """Every text a run of ``cfg`` may embed: training captions (all of them), eval captions, prompts."""
-    from .. import build
+    from ..data import sources
     from ..evaluate import fill_template
 
-    ds, _ = build.train_dataset(cfg, None)
-    texts = [] if ds is not None else build._shard_captions(cfg, limit=None)
-    sets = build.eval_sets(cfg, cfg.data_image_size)
+    ds, _ = sources.train_dataset(cfg)
+    texts = [] if ds is not None else sources.shard_captions(cfg, limit=None)
+    sets = sources.eval_sets(cfg, cfg.data_image_size)
     for d in (getattr(ds, "dataset", ds), sets["retrieval"]):
         if d is None:
             continue

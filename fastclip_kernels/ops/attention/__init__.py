@@ -14,9 +14,11 @@ Backends (``backend=``):
       else SDPA on nested jagged tensors (CPU too, non-causal only).
     * ``"reference"``  -- ``naive.varlen_attention_ref``: per-sequence softmax in fp32 (fp64 for
       fp64 inputs); the ground truth. Reads cu_seqlens on the host.
-    * ``"auto"``       -- ``"triton"`` for CUDA tensors it supports, else ``"reference"``. CPU
-      tensors always get the reference (as the other ops' CPU paths): the interpreter runs one
-      program at a time, so it is opt-in with ``backend="triton"``.
+    * ``"sdpa"``       -- ``sdpa.varlen_attention_sdpa``: torch's scaled_dot_product_attention on
+      a dense batch (all lengths equal) or a padded, masked one. Reads cu_seqlens on the host.
+    * ``"auto"``       -- ``"triton"`` for CUDA tensors it supports; CPU fp16/bf16/fp32 tensors get
+      ``"sdpa"``, anything else ``"reference"``. The Triton interpreter runs one program at a time,
+      so it is opt-in on CPU with ``backend="triton"``.
 
 Sequences may be empty (cu_seqlens non-decreasing) on the triton and reference backends; the
 peers may reject them. No path of ours reads a CUDA tensor back: the values of cu_seqlens (starts
@@ -34,8 +36,9 @@ import torch
 
 from . import peers
 from .naive import varlen_attention_ref
+from .sdpa import varlen_attention_sdpa
 
-BACKENDS = ("auto", "triton", "flash_attn", "xformers", "torch", "reference")
+BACKENDS = ("auto", "triton", "flash_attn", "xformers", "torch", "sdpa", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (*TRITON_DTYPES, torch.float64)
 MAX_GRID_Z = 65535  # CUDA's limit on gridDim.z, which holds the sequence index
@@ -141,10 +144,11 @@ def resolve_backend(backend: str, x: torch.Tensor, batch: int) -> str:
             and _triton_head_dim_ok(x.shape[-1])
             and batch <= MAX_GRID_Z
         )
-        backend = "triton" if ok else "reference"
+        cpu_fast = x.device.type == "cpu" and x.dtype in TRITON_DTYPES
+        backend = "triton" if ok else "sdpa" if cpu_fast else "reference"
     if backend == "triton":
         _check_triton(x, batch)
-    elif backend != "reference" and x.dtype == torch.float64:
+    elif backend not in ("reference", "sdpa") and x.dtype == torch.float64:
         raise TypeError(f"backend={backend!r} does not take fp64 tokens; use backend='reference'")
     return backend
 
@@ -292,4 +296,6 @@ def _run_unpacked(backend, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
         return peers.xformers_varlen(q, k, v, cu_q, cu_k, scale, causal)
     if backend == "torch":
         return peers.torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
+    if backend == "sdpa":
+        return varlen_attention_sdpa(q, k, v, cu_q, cu_k, scale, causal)
     return varlen_attention_ref(q, k, v, cu_q, cu_k, softmax_scale=scale, causal=causal)
