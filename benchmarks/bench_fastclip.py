@@ -6,6 +6,8 @@ global batch of 32k).
 Single process (b = n). CPU runs n = 2048 (8192 with FASTCLIP_BENCH_FULL=1); GPU n = 4096, 32768.
 """
 
+from functools import partial
+
 import os
 import statistics
 
@@ -15,8 +17,9 @@ import torch.nn.functional as F
 from harness import fwd_bwd_callable, machine, run_loss_benchmark, sync
 
 from fastclip_kernels.fastclip import FastCLIPLoss, FastCLIPState
-from fastclip_kernels.fastclip.update import UpdateConfig, state_update_torch
-from fastclip_kernels.reference_fastclip import fcco_surrogate_ref, gcl_g_ref, u_update_ref
+from fastclip_kernels.ops.state_update import UpdateConfig, state_update
+from fastclip_kernels.fastclip.naive import fcco_surrogate_ref, gcl_g_ref
+from fastclip_kernels.ops.state_update.naive import u_update_ref
 
 FULL = os.environ.get("FASTCLIP_BENCH_FULL") == "1"
 CPU_SHAPES = [(8192, 8192, 512)] if FULL else [(2048, 2048, 512)]
@@ -85,9 +88,9 @@ def _update_case(impl, n, per_sample):
     tau = torch.rand(2, n, device=dev) * 0.1 + 0.02
     cfg = UpdateConfig(gamma=0.8, eps=1e-14, rho=8.5, lr_tau=1e-2, beta1=0.9, beta2=0.999, step=3)
     if impl == "fused":
-        from fastclip_kernels.fastclip.update_kernel import state_update_fused as update
+        update = partial(state_update, backend="triton")
     else:
-        update = state_update_torch
+        update = state_update
     return lambda: update(state, idx, lam, delta, pos, log_u, tau, cfg)
 
 

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from fastclip_kernels.ops.attention import triton_varlen, triton_varlen_bwd
+from fastclip_kernels.ops.varlen_attention import triton_varlen, triton_varlen_bwd
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_DIMS = [32, 64, 80, 128]  # 80: a padded head dim (BLOCK_D = 128, masked)

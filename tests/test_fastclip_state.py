@@ -1,6 +1,8 @@
 """FastCLIP state, schedules and temperature: sharding, the fused update kernel against the PyTorch
 update, checkpoints, sizing for 400M samples, gamma / step_thresh spot values."""
 
+from functools import partial
+
 import copy
 import math
 
@@ -9,9 +11,9 @@ import torch
 from conftest import triton_device
 from helpers import assert_rel_close
 
-from fastclip_kernels.fastclip import FastCLIPState, GlobalTemperature, gamma_at, step_thresh_lr
+from fastclip_kernels.fastclip import FastCLIPState, GlobalTemperature, gamma_at
 from fastclip_kernels.fastclip.state import shard_size
-from fastclip_kernels.fastclip.update import UpdateConfig, state_update_torch
+from fastclip_kernels.ops.state_update import UpdateConfig, state_update
 
 
 def _random_state(per_sample, rank=1, world_size=3, data_size=50, device="cpu"):
@@ -29,7 +31,7 @@ def _random_state(per_sample, rank=1, world_size=3, data_size=50, device="cpu"):
 @pytest.mark.parametrize("gamma", [1.0, 0.4])
 @pytest.mark.parametrize("reference", [False, True])
 def test_fused_update_matches_torch(per_sample, gamma, reference):
-    from fastclip_kernels.fastclip.update_kernel import state_update_fused
+    state_update_fused = partial(state_update, backend="triton")
 
     device = triton_device()
     st = _random_state(per_sample, device=device)
@@ -50,7 +52,7 @@ def test_fused_update_matches_torch(per_sample, gamma, reference):
         gamma=gamma, eps=1e-6, rho=2.0, reference=reference, lr_tau=0.01, beta1=0.9, beta2=0.99, step=3
     )
     before = st.log_u.clone()
-    want = state_update_torch(st, idx, lam, delta, pos, log_u_old, tau, cfg)
+    want = state_update(st, idx, lam, delta, pos, log_u_old, tau, cfg)
     got = state_update_fused(st_fused, idx, lam, delta, pos, log_u_old, tau, cfg)
     for name, g, w in zip(("shift", "ratio", "log_ut", "log_u_new"), got, want, strict=True):
         assert torch.isfinite(g).all(), name
@@ -68,7 +70,7 @@ def test_update_writes_only_owned_entries():
     st = FastCLIPState(30, rank=2, world_size=4)
     idx = torch.tensor([2, 6, 7, 10, 13, 29])  # owned by rank 2: 2, 6, 10
     lam = torch.zeros(2, 6)
-    state_update_torch(st, idx, lam, lam, lam[0], lam, torch.ones(2, 6), UpdateConfig(gamma=1.0, eps=0.0))
+    state_update(st, idx, lam, lam, lam[0], lam, torch.ones(2, 6), UpdateConfig(gamma=1.0, eps=0.0))
     written = torch.isfinite(st.log_u[0]).nonzero().flatten().tolist()
     assert written == [0, 1, 2]  # slots idx // 4 of 2, 6, 10
 
@@ -124,10 +126,13 @@ def test_gamma_schedule_spot_values():
 
 
 def test_step_thresh_and_global_temperature():
-    assert step_thresh_lr(3e-4, 0.031) == 3e-4
-    assert step_thresh_lr(3e-4, 0.03) == pytest.approx(1e-4)
     temp = GlobalTemperature(0.07)
     group = temp.param_group(3e-4)
+    for tau, lr in ((0.031, 3e-4), (0.03, 1e-4)):  # lr_tau / 3 once tau <= 0.03 (FastCLIP-v3)
+        with torch.no_grad():
+            temp.theta.fill_(math.log(1 / tau))
+        temp.step_thresh_(group)
+        assert group["lr"].item() == pytest.approx(lr)
     opt = torch.optim.AdamW([group])
     assert group["weight_decay"] == 0.0
     with torch.no_grad():

@@ -16,7 +16,8 @@ import torch
 from helpers import assert_rel_close
 
 from fastclip_kernels import _native
-from fastclip_kernels.optim import native, reference
+from fastclip_kernels.ops.optim import naive as reference
+from fastclip_kernels.ops.optim import native
 
 needs_native = pytest.mark.skipif(
     not native.available("cpu"),

@@ -10,7 +10,7 @@ from helpers import assert_close_to_ref, assert_rel_close
 from test_no_host_sync import HostReads
 
 import fastclip_kernels._validation as validation
-import fastclip_kernels.ops.attention as attention
+import fastclip_kernels.ops.varlen_attention as attention
 from fastclip_kernels.models import DenseTextTransformer, DenseViT, PackedTextTransformer, PackedViT
 from fastclip_kernels.ops.patch_embed import pos_embed_2d_sincos
 

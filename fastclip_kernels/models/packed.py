@@ -50,7 +50,7 @@ class PackedAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, cu_seqlens, max_seqlen: int, causal: bool, backend: str):
-        from ..ops.attention import varlen_attention_qkvpacked
+        from ..ops.varlen_attention import varlen_attention_qkvpacked
 
         T, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(T, 3, self.heads, D // self.heads)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from . import reference
+from ..ops.optim import naive as reference
 
 IMPLS = ("auto", "native", "triton", "reference")
 TRUST_RATIO = ("weight_decay_only", "all", "none")
@@ -30,7 +30,7 @@ def _impl_module(name: str, device: torch.device):
     if name == "auto":
         if device.type != "cuda":
             return reference
-        from . import native
+        from ..ops.optim import native
 
         if native.available(device):
             return native
@@ -38,14 +38,14 @@ def _impl_module(name: str, device: torch.device):
     if name == "reference":
         return reference
     if name == "native":
-        from . import native
+        from ..ops.optim import native
 
         if not native.available(device):
             raise RuntimeError(f"impl='native' needs fastclip_kernels._C with kernels for {device}")
         return native
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (or use impl='reference')")
-    from . import triton_impl
+    from ..ops.optim import triton as triton_impl
 
     return triton_impl
 

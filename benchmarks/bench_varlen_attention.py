@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from harness import GIB, device, peak_bytes, sync
 
-from fastclip_kernels.ops.attention import varlen_attention_qkvpacked, varlen_attention_ref
+from fastclip_kernels.ops.varlen_attention import varlen_attention_qkvpacked, varlen_attention_ref
 
 # name: (sequences, min length, max length, heads, head dim)
 SHAPES = {"vit-b16-1024x[50,260]": (1024, 50, 260, 12, 64), "tiny-8x[10,60]": (8, 10, 60, 2, 32)}

@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .. import _native
+from ... import _native
 
 CHUNK_SIZE = 65536  # elements per chunk = per CUDA block (apex: 2048 * 32)
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -18,7 +18,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["ADJ", "NOUN", "OTHER", "VERB", "build_pos_rank", "load_pos_rank", "save_pos_rank", "tag_rank"]
+__all__ = [
+    "ADJ",
+    "NOUN",
+    "OTHER",
+    "VERB",
+    "build_syntax_rank",
+    "load_syntax_rank",
+    "save_syntax_rank",
+    "tag_rank",
+]
 
 NOUN, ADJ, VERB, OTHER = 0, 1, 2, 3
 _UNIVERSAL = {"NOUN": NOUN, "PROPN": NOUN, "ADJ": ADJ, "VERB": VERB, "AUX": VERB}
@@ -50,7 +59,7 @@ def _nltk_tags(words: list[str]) -> list[str]:
         import nltk
     except ImportError as e:
         raise ImportError(
-            "build_pos_rank(tagger='nltk') needs NLTK: pip install nltk && "
+            "build_syntax_rank(tagger='nltk') needs NLTK: pip install nltk && "
             "python -m nltk.downloader averaged_perceptron_tagger_eng "
             "(or use tagger='spacy' or a callable word -> tag)"
         ) from e
@@ -67,7 +76,7 @@ def _spacy_tags(words: list[str], model: str) -> list[str]:
         import spacy
     except ImportError as e:
         raise ImportError(
-            f"build_pos_rank(tagger='spacy') needs spaCy: pip install spacy && python -m spacy download {model} "
+            f"build_syntax_rank(tagger='spacy') needs spaCy: pip install spacy && python -m spacy download {model} "
             "(or use tagger='nltk' or a callable word -> tag)"
         ) from e
     try:
@@ -103,7 +112,7 @@ def _id_to_token(vocab) -> list[str | None]:
     )
 
 
-def build_pos_rank(
+def build_syntax_rank(
     vocab: Sequence[str] | Mapping[str, int],
     tagger: str | Callable[[str], str] = "nltk",
     *,
@@ -115,7 +124,7 @@ def build_pos_rank(
     ``SimpleTokenizer().encoder``; ids with no token get ``OTHER``). ``tagger``: ``"nltk"``,
     ``"spacy"`` or a callable ``word -> tag``. Each distinct word is tagged once.
 
-    >>> build_pos_rank(["<|startoftext|>", "cat</w>", "red</w>"], {"cat": "NOUN", "red": "ADJ"}.get).tolist()
+    >>> build_syntax_rank(["<|startoftext|>", "cat</w>", "red</w>"], {"cat": "NOUN", "red": "ADJ"}.get).tolist()
     [3, 0, 1]
     """
     tokens = _id_to_token(vocab)
@@ -145,12 +154,12 @@ def _check_table(table, where: str) -> torch.Tensor:
     return table
 
 
-def save_pos_rank(table: torch.Tensor, path) -> None:
+def save_syntax_rank(table: torch.Tensor, path) -> None:
     """Save a rank table (as CPU int8) with ``torch.save``."""
     torch.save(_check_table(table, "table").detach().to("cpu", torch.int8), path)
 
 
-def load_pos_rank(path, device=None) -> torch.Tensor:
-    """Load a table saved by ``save_pos_rank`` (``weights_only``), optionally onto ``device``."""
+def load_syntax_rank(path, device=None) -> torch.Tensor:
+    """Load a table saved by ``save_syntax_rank`` (``weights_only``), optionally onto ``device``."""
     table = torch.load(path, map_location="cpu", weights_only=True)
     return _check_table(table, f"the table in {path}").to(device or "cpu")

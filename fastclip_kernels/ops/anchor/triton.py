@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..pairwise.tiled import _blocks, _input_precision
-from ..pairwise.tiles import _is_positive, _similarity_tile
+from ..common.pairwise import blocks, input_precision
+from ..common.tiles import _is_positive, _similarity_tile
 
 
 @triton.jit
@@ -211,7 +211,7 @@ def _anchor_grad_kernel(
 def _config(a) -> tuple[dict, str]:
     """(tile sizes, tl.dot input precision): pairwise's GPU or interpreter tiling."""
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return _blocks(a.shape[1], interpret), _input_precision(a.dtype)
+    return blocks(a.shape[1], interpret), input_precision(a.dtype)
 
 
 def anchor_stats(a, c, row_scale, label_offset: int, exclude_positive: bool):

@@ -13,6 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .naive import gather_patches
+
+_DPOS_CHUNK = 1 << 16  # tokens per fp32 scatter-add chunk in the backward (bounds the fp32 copy)
+
 
 @triton.jit
 def _patch_embed_fwd_kernel(
@@ -159,3 +163,22 @@ def patch_embed_fwd(images, weight, bias, pos, idx, batch, num_tokens: int, patc
         num_warps=cfg["num_warps"],
     )
     return out
+
+
+def patch_embed_bwd(dout, images, weight, pos, cls, idx, batch, cls_rows, patch_size: int):
+    """(dW [D, C*P*P], dbias [D], dpos, dcls) of the Triton path's tokens, in PyTorch: dW = dP^T @
+    patches with the kept pixels re-gathered (never saved); no image gradient."""
+    dtype = weight.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    T_p = idx.shape[0]
+    dpatch = dout[torch.arange(T_p, device=dout.device) + batch.long() + 1]
+    dw = dpatch.to(dtype).T @ gather_patches(images, idx, batch, patch_size).to(dtype)
+    db = dpatch.sum(0, dtype=acc).to(dtype)
+    dcls_sum = dout[cls_rows].sum(0, dtype=acc)
+    dpos = torch.zeros(pos.shape, device=dout.device, dtype=acc)
+    # Host loop (sizes are known, no sync); index_add_ uses atomics on CUDA (not bitwise
+    # deterministic), in fp32, so the low-precision rounding happens once at the end.
+    for s in range(0, T_p, _DPOS_CHUNK):
+        dpos.index_add_(0, idx[s : s + _DPOS_CHUNK] + 1, dpatch[s : s + _DPOS_CHUNK].to(acc))
+    dpos[0] += dcls_sum
+    return dw, db, dpos.to(pos.dtype), dcls_sum.to(cls.dtype)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_varlen import _attention_mask, _causal_kv_end, _seq_bounds, config, input_precision
+from .triton import _attention_mask, _causal_kv_end, _seq_bounds, config, input_precision
 
 
 @triton.jit

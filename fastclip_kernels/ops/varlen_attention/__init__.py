@@ -14,7 +14,7 @@ Backends (``backend=``):
       else SDPA on nested jagged tensors (CPU too, non-causal only).
     * ``"reference"``  -- ``naive.varlen_attention_ref``: per-sequence softmax in fp32 (fp64 for
       fp64 inputs); the ground truth. Reads cu_seqlens on the host.
-    * ``"auto"``       -- ``"triton"`` for CUDA tensors it supports, else ``"reference"``. CPU
+    * ``"auto"``       -- ``"triton"`` for CUDA (and meta) tensors it supports, else ``"reference"``. CPU
       tensors always get the reference (as the other ops' CPU paths): the interpreter runs one
       program at a time, so it is opt-in with ``backend="triton"``.
 
@@ -28,10 +28,12 @@ when checked and silently truncates attention when not.
 
 import math
 import numbers
-import os
 
 import torch
+from torch import Tensor
 
+from ..._validation import host_checks
+from ..common import interpreting, is_gpu
 from . import peers
 from .naive import varlen_attention_ref
 
@@ -65,7 +67,7 @@ def _check_max_seqlen(name: str, value) -> int:
 
 def seqlens_checked(cu_seqlens: torch.Tensor) -> bool:
     """Values of cu_seqlens are read on the host for CPU tensors, or with FASTCLIP_CHECK_SEQLENS=1."""
-    return cu_seqlens.device.type == "cpu" or os.environ.get("FASTCLIP_CHECK_SEQLENS") == "1"
+    return host_checks(cu_seqlens, "FASTCLIP_CHECK_SEQLENS")
 
 
 def _check_cu_seqlens(name: str, cu, total: int, device, max_name: str, max_seqlen: int) -> None:
@@ -124,7 +126,7 @@ def _check_triton(x: torch.Tensor, batch: int) -> None:
         raise ValueError(
             f"backend='triton' needs a head dim (last dim) that is a multiple of 8 in [16, 128], got {d}"
         )
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type == "cpu" and not interpreting():
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
     if batch > MAX_GRID_Z:
         raise ValueError(f"backend='triton' takes at most {MAX_GRID_Z} sequences per call, got {batch}")
@@ -136,7 +138,7 @@ def resolve_backend(backend: str, x: torch.Tensor, batch: int) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         ok = (
-            x.is_cuda
+            is_gpu(x)
             and x.dtype in TRITON_DTYPES
             and _triton_head_dim_ok(x.shape[-1])
             and batch <= MAX_GRID_Z
@@ -153,36 +155,123 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class VarlenAttentionFunction(torch.autograd.Function):
-    """Triton forward/backward. Packed: (qkv [T, 3, H, d], None, None) -> d(qkv) written in place
-    of one [T, 3, H, d] buffer (no concatenation); else (q, k, v) -> (dq, dk, dv)."""
+def _fwd_impl(q, k, v, cu_q, cu_k, max_q, scale, causal):
+    from .triton import varlen_attention_fwd
 
-    @staticmethod
-    def forward(ctx, q_or_qkv, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
-        from .triton_varlen import varlen_attention_fwd
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    return varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, scale, causal)
 
-        packed = k is None
-        q, k, v = q_or_qkv.unbind(1) if packed else (q_or_qkv, k, v)  # views: no copies
-        o, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (packed, max_seqlen_q, max_seqlen_k, scale, causal)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        from .triton_varlen_bwd import varlen_attention_bwd
+def _bwd_impl(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, causal, dq, dk, dv):
+    from .triton_bwd import varlen_attention_bwd
 
-        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-        packed, max_q, max_k, scale, causal = ctx.args
-        if packed:
-            grad = torch.empty((q.shape[0], 3, *q.shape[1:]), device=q.device, dtype=q.dtype)
-            dq, dk, dv = grad.unbind(1)
-        else:
-            dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
-        do = _unit_last_stride(do)
-        varlen_attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, causal, dq, dk, dv)
-        head = (grad, None, None) if packed else (dq, dk, dv)
-        return (*head, None, None, None, None, None, None)
+    varlen_attention_bwd(
+        _unit_last_stride(do), q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale, causal, dq, dk, dv
+    )
+
+
+def _fake_fwd(q):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastclip::varlen_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, *args):
+    return _fake_fwd(q)
+
+
+@torch.library.custom_op("fastclip::varlen_attention_bwd", mutates_args=())
+def _bwd_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    _bwd_impl(do, q, k, v, o, lse, *args, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+    ctx.config = (max_q, max_k, scale, causal)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastclip.varlen_attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, *ctx.config)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("fastclip::varlen_attention_qkvpacked_fwd", mutates_args=())
+def _packed_fwd_op(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    q, k, v = qkv.unbind(1)  # views: no copies
+    return _fwd_impl(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, softmax_scale, causal)
+
+
+@_packed_fwd_op.register_fake
+def _(qkv, *args):
+    return _fake_fwd(qkv[:, 0])
+
+
+@torch.library.custom_op("fastclip::varlen_attention_qkvpacked_bwd", mutates_args=())
+def _packed_bwd_op(
+    do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+    softmax_scale: float, causal: bool,
+) -> Tensor:  # fmt: skip
+    """d(qkv) written in place of one [T, 3, H, d] buffer (no concatenation)."""
+    qkv = _unit_last_stride(qkv)
+    grad = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    args = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal)
+    _bwd_impl(do, *qkv.unbind(1), o, lse, *args, *grad.unbind(1))
+    return grad
+
+
+@_packed_bwd_op.register_fake
+def _(do, qkv, *args):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_packed(ctx, inputs, output):
+    qkv, cu, max_seqlen, scale, causal = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, o, lse, cu)
+    ctx.config = (max_seqlen, scale, causal)
+
+
+def _backward_packed(ctx, do, _dlse):
+    qkv, o, lse, cu = ctx.saved_tensors
+    return (
+        torch.ops.fastclip.varlen_attention_qkvpacked_bwd(do, qkv, o, lse, cu, *ctx.config),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_packed_fwd_op.register_autograd(_backward_packed, setup_context=_setup_packed)
 
 
 def varlen_attention_qkvpacked(
@@ -218,8 +307,8 @@ def varlen_attention_qkvpacked(
     _check_cu_seqlens("cu_seqlens", cu_seqlens, qkv.shape[0], qkv.device, "max_seqlen", max_seqlen)
     backend = resolve_backend(backend, qkv, cu_seqlens.numel() - 1)
     if backend == "triton":
-        args = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale, causal)
-        return VarlenAttentionFunction.apply(_unit_last_stride(qkv), None, None, *args)
+        out, _ = torch.ops.fastclip.varlen_attention_qkvpacked_fwd(qkv, cu_seqlens, max_seqlen, scale, causal)
+        return out
     if backend == "flash_attn":
         return peers.flash_attn_qkvpacked(qkv, cu_seqlens, max_seqlen, scale, causal)
     q, k, v = qkv.unbind(1)
@@ -284,8 +373,8 @@ def varlen_attention(
 
 def _run_unpacked(backend, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
     if backend == "triton":
-        q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-        return VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
+        out, _ = torch.ops.fastclip.varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
+        return out
     if backend == "flash_attn":
         return peers.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)
     if backend == "xformers":

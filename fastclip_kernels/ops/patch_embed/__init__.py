@@ -16,7 +16,7 @@ Gradients (the ``autograd.Function``; images get **no** gradient on the Triton p
     dcls = dpos[0] = sum_b dtokens[cu_seqlens[b]]
 with dP the patch rows of dtokens.
 
-Backends: ``triton`` (one gather-GEMM kernel, ``_patch_embed_kernels.py``: pixels are read straight
+Backends: ``triton`` (one gather-GEMM kernel, ``triton.py``: pixels are read straight
 from the image tensor, no unfold copy) and ``reference`` (gather + matmul in PyTorch: CPU, fp64,
 ground truth; it also propagates gradients to the images). ``auto`` picks Triton on CUDA.
 
@@ -25,18 +25,27 @@ Position embeddings: :func:`pos_embed_2d_sincos` computes the fixed 2D sin-cos t
 full resolution after short-token pre-training.
 """
 
-import math
-import os
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
-from .. import _validation
+from ... import _validation
+from ..common import TRITON_DTYPES, interpreting, is_gpu, triton_available
+from .naive import gather_patches, patch_embed_ref
+from .position import interpolate_pos_embed, pos_embed_2d_sincos
 
 BACKENDS = ("auto", "triton", "reference")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DPOS_CHUNK = 1 << 16  # tokens per fp32 scatter-add chunk in the backward (bounds the fp32 copy)
+
+__all__ = [
+    "PackedTokens",
+    "gather_patches",
+    "interpolate_pos_embed",
+    "patch_embed",
+    "patch_embed_ref",
+    "patch_layout",
+    "pos_embed_2d_sincos",
+]
 
 
 class PackedTokens(NamedTuple):
@@ -47,121 +56,9 @@ class PackedTokens(NamedTuple):
     max_seqlen: int
 
 
-def _kernels():
-    try:
-        from . import _patch_embed_kernels
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "backend='triton' needs Triton: pip install triton (or backend='reference')"
-        ) from err
-    return _patch_embed_kernels
-
-
-# ----------------------------------------------------------------------------------------------
-# Position embeddings
-# ----------------------------------------------------------------------------------------------
-
-
-def pos_embed_2d_sincos(
-    grid_h: int,
-    grid_w: int,
-    dim: int,
-    *,
-    cls_token=True,
-    temperature=10000.0,
-    dtype=torch.float32,
-    device=None,
-):
-    """Fixed 2D sin-cos position embedding (MAE's layout: omega_i = T^(-i / (D/4)); big_vision's
-    ``posemb_sincos_2d``, used by CLIPA's JAX code, divides by D/4 - 1 instead) for any grid.
-
-    Patch n = y * grid_w + x gets [sin(x w), cos(x w), sin(y w), cos(y w)], w_i = temperature^(-i/(dim/4)),
-    i < dim/4. Returns [1 + grid_h*grid_w, dim] with a zero class row first (``cls_token=True``),
-    else [grid_h*grid_w, dim]. Computed in fp64, returned in ``dtype``.
-
-    >>> pos_embed_2d_sincos(14, 14, 768).shape
-    torch.Size([197, 768])
-    """
-    if dim % 4:
-        raise ValueError(f"dim must be a multiple of 4 for the 2D sin-cos embedding, got {dim}")
-    if grid_h < 1 or grid_w < 1:
-        raise ValueError(f"grid must be at least 1x1, got {grid_h}x{grid_w}")
-    omega = temperature ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    y, x = torch.meshgrid(
-        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
-    )
-    ax, ay = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
-    emb = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
-    if cls_token:
-        emb = torch.cat([emb.new_zeros(1, dim), emb])
-    return emb.to(dtype=dtype, device=device)
-
-
-def interpolate_pos_embed(pos, new_grid, old_grid=None, *, antialias=True):
-    """Resize a learned position table [1 + gh*gw, D] to new_grid (gh', gw'): bicubic on the grid
-    (align_corners=False, antialiased when shrinking, as open_clip / timm; in fp32 or fp64), class
-    row 0 kept. Identity when the grid is unchanged.
-
-    old_grid defaults to the square grid of the table. Returns [1 + gh'*gw', D] in pos's dtype.
-
-    >>> interpolate_pos_embed(torch.randn(1 + 4 * 4, 32), (7, 7)).shape
-    torch.Size([50, 32])
-    """
-    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] < 2:
-        raise ValueError(f"pos must be a [1 + gh*gw, D] tensor, got {getattr(pos, 'shape', type(pos))}")
-    n = pos.shape[0] - 1
-    if old_grid is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"pos has {n} patch rows, not a square grid: pass old_grid=(gh, gw)")
-        old_grid = (side, side)
-    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
-    if old_grid[0] * old_grid[1] != n:
-        raise ValueError(
-            f"old_grid {old_grid} has {old_grid[0] * old_grid[1]} cells but pos has {n} patch rows"
-        )
-    if min(new_grid) < 1 or len(new_grid) != 2:
-        raise ValueError(f"new_grid must be two positive ints (gh, gw), got {new_grid}")
-    if new_grid == old_grid:
-        return pos.clone()
-    work = torch.float64 if pos.dtype == torch.float64 else torch.float32
-    grid = pos[1:].to(work).reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=antialias)
-    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
-
-
 # ----------------------------------------------------------------------------------------------
 # Layout of the kept patches and the PyTorch reference
 # ----------------------------------------------------------------------------------------------
-
-
-def gather_patches(images, idx, batch, patch_size: int):
-    """[T_p, C*P*P] pixels of patch idx[t] of image batch[t], (c, ky, kx) order (a strided view
-    is indexed: only the kept patches are copied)."""
-    B, C, H, W = images.shape
-    P = patch_size
-    grid_w = W // P
-    view = images.unflatten(2, (H // P, P)).unflatten(4, (grid_w, P)).permute(0, 2, 4, 1, 3, 5)
-    return view[batch.long(), idx // grid_w, idx % grid_w].reshape(idx.shape[0], C * P * P)
-
-
-def patch_embed_ref(images, weight, bias, pos, cls, idx, batch, cu_seqlens):
-    """PyTorch reference in weight's dtype: gather + matmul + bias + pos, class tokens in front.
-
-    weight [D, C*P*P]; idx/batch [T_p] as :func:`patch_layout`; cu_seqlens [B+1] token offsets.
-    Differentiable in every floating input (images included). Returns tokens [T, D].
-    """
-    D, K = weight.shape
-    P = math.isqrt(K // images.shape[1])
-    dtype = weight.dtype
-    x = gather_patches(images, idx, batch, P).to(dtype) @ weight.T + pos[1 + idx].to(dtype)
-    if bias is not None:
-        x = x + bias.to(dtype)
-    B, T_p = cu_seqlens.shape[0] - 1, idx.shape[0]
-    rows = torch.arange(T_p, device=idx.device) + batch.long() + 1
-    out = x.new_zeros(T_p + B, D).index_copy(0, rows, x)
-    cls_rows = cu_seqlens[:-1].long()
-    return out.index_copy(0, cls_rows, (cls.to(dtype) + pos[0].to(dtype)).expand(B, D))
 
 
 def _check_cu_seqlens(cu, B: int, T_p: int, max_keep):
@@ -214,7 +111,8 @@ def patch_layout(keep_idx, num_images: int, num_patches: int, device, cu_seqlens
                 raise ValueError("packed keep_idx [T_p] needs cu_seqlens [B+1] of the per-image patch counts")
             _check_cu_seqlens(cu_seqlens, B, keep_idx.shape[0], max_keep)
             if max_keep is None:
-                max_keep = int(cu_seqlens.diff().max()) if cu_seqlens.device.type == "cpu" and B else N
+                readable = cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
+                max_keep = int(cu_seqlens.diff().max()) if readable and B else N
             idx = keep_idx
             cu_p = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
         else:
@@ -240,46 +138,60 @@ def patch_layout(keep_idx, num_images: int, num_patches: int, device, cu_seqlens
 # ----------------------------------------------------------------------------------------------
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    """tokens [T, D] from the Triton gather-GEMM. Saves the images (as nn.Conv2d would) but no
-    [T_p, C*P*P] patch matrix: the backward re-gathers the kept pixels for dW. No image gradient."""
+@torch.library.custom_op("fastclip::patch_embed_fwd", mutates_args=())
+def _fwd_op(
+    images: Tensor, weight: Tensor, bias: Tensor | None, pos: Tensor, cls: Tensor, idx: Tensor,
+    batch: Tensor, cls_rows: Tensor, patch_size: int,
+) -> Tensor:  # fmt: skip
+    from .triton import patch_embed_fwd
 
-    @staticmethod
-    def forward(ctx, images, weight, bias, pos, cls, idx, batch, cls_rows, patch_size: int):
-        T = idx.shape[0] + cls_rows.shape[0]
-        out = _kernels().patch_embed_fwd(images, weight, bias, pos, idx, batch, T, patch_size)
-        out[cls_rows] = (cls.float() + pos[0].float()).to(out.dtype)
-        ctx.save_for_backward(images, idx, batch, cls_rows)
-        ctx.patch_size, ctx.pos_shape = patch_size, pos.shape
-        ctx.dtypes = (weight.dtype, pos.dtype, cls.dtype)
-        return out
+    T = idx.shape[0] + cls_rows.shape[0]
+    out = patch_embed_fwd(images, weight, bias, pos, idx, batch, T, patch_size)
+    out[cls_rows] = (cls.float() + pos[0].float()).to(out.dtype)
+    return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        images, idx, batch, cls_rows = ctx.saved_tensors
-        w_dtype, pos_dtype, cls_dtype = ctx.dtypes
-        _, need_w, need_b, need_pos, need_cls = ctx.needs_input_grad[:5]
-        acc = torch.float64 if w_dtype == torch.float64 else torch.float32
-        T_p = idx.shape[0]
-        dpatch = dout[torch.arange(T_p, device=dout.device) + batch.long() + 1]
-        dw = db = dpos = dcls = None
-        if need_w:
-            patches = gather_patches(images, idx, batch, ctx.patch_size).to(w_dtype)
-            dw = dpatch.to(w_dtype).T @ patches
-        if need_b:
-            db = dpatch.sum(0, dtype=acc).to(w_dtype)
-        dcls_sum = dout[cls_rows].sum(0, dtype=acc)
-        if need_pos:
-            dpos = torch.zeros(ctx.pos_shape, device=dout.device, dtype=acc)
-            # Host loop (sizes are known, no sync); index_add_ uses atomics on CUDA (not bitwise
-            # deterministic), in fp32, so the low-precision rounding happens once at the end.
-            for s in range(0, T_p, _DPOS_CHUNK):
-                dpos.index_add_(0, idx[s : s + _DPOS_CHUNK] + 1, dpatch[s : s + _DPOS_CHUNK].to(acc))
-            dpos[0] += dcls_sum
-            dpos = dpos.to(pos_dtype)
-        if need_cls:
-            dcls = dcls_sum.to(cls_dtype)
-        return None, dw, db, dpos, dcls, None, None, None, None
+
+@_fwd_op.register_fake
+def _(images, weight, bias, pos, cls, idx, batch, cls_rows, patch_size):
+    return weight.new_empty((idx.shape[0] + cls_rows.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastclip::patch_embed_bwd", mutates_args=())
+def _bwd_op(
+    dout: Tensor, images: Tensor, weight: Tensor, pos: Tensor, cls: Tensor, idx: Tensor, batch: Tensor,
+    cls_rows: Tensor, patch_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    from .triton import patch_embed_bwd
+
+    return patch_embed_bwd(dout, images, weight, pos, cls, idx, batch, cls_rows, patch_size)
+
+
+@_bwd_op.register_fake
+def _(dout, images, weight, pos, cls, idx, batch, cls_rows, patch_size):
+    return (
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape[0]),
+        pos.new_empty(pos.shape),
+        cls.new_empty(cls.shape),
+    )
+
+
+def _setup(ctx, inputs, output):
+    images, weight, bias, pos, cls, idx, batch, cls_rows, patch_size = inputs
+    # The images (as nn.Conv2d saves them) but no [T_p, C*P*P] patch matrix: dW re-gathers them.
+    ctx.save_for_backward(images, weight, pos, cls, idx, batch, cls_rows)
+    ctx.patch_size, ctx.has_bias = patch_size, bias is not None
+
+
+def _backward(ctx, dout):
+    images, weight, pos, cls, idx, batch, cls_rows = ctx.saved_tensors
+    dw, db, dpos, dcls = torch.ops.fastclip.patch_embed_bwd(
+        dout, images, weight, pos, cls, idx, batch, cls_rows, ctx.patch_size
+    )
+    return None, dw, db if ctx.has_bias else None, dpos, dcls, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> str:
@@ -287,17 +199,12 @@ def resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> s
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type != "cuda" or dtype not in _TRITON_DTYPES:
-            return "reference"
-        try:
-            _kernels()
-        except RuntimeError:  # no Triton: the PyTorch path
-            return "reference"
-        return "triton"
+        ok = is_gpu(device) and dtype in TRITON_DTYPES and triton_available()
+        return "triton" if ok else "reference"
     if backend == "triton":
-        if dtype not in _TRITON_DTYPES:
-            raise ValueError(f"backend='triton' computes in {_TRITON_DTYPES}, got weight of {dtype}")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if dtype not in TRITON_DTYPES:
+            raise ValueError(f"backend='triton' computes in {TRITON_DTYPES}, got weight of {dtype}")
+        if device.type == "cpu" and not interpreting():
             raise ValueError(
                 "backend='triton' on CPU needs TRITON_INTERPRET=1 set before import (or 'reference')"
             )
@@ -393,7 +300,7 @@ def patch_embed(
         raise ValueError(
             "images require grad, but the Triton patch embedding gives them none: use backend='reference'"
         )
-    tokens = PatchEmbedFunction.apply(
+    tokens = torch.ops.fastclip.patch_embed_fwd(
         images, weight2d.contiguous(), bias, pos if pos.stride(1) == 1 else pos.contiguous(), cls,
         idx, batch, cu_tokens[:-1].long(), P,
     )  # fmt: skip

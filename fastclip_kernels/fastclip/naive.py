@@ -44,11 +44,3 @@ def fcco_surrogate_ref(x, y, tau1, tau2, u1, u2, eps, weight1, weight2):
     Its gradient in x, y is FastCLIP's FCCO model-gradient estimator (w = tau: ``exact``)."""
     g1, g2 = gcl_g_ref(x, y, 1.0 / tau1, 1.0 / tau2)
     return 0.5 * (weight1 * g1 / (eps + u1) + weight2 * g2 / (eps + u2)).mean()
-
-
-def u_update_ref(u_old, g, gamma):
-    """u <- (1 - gamma) u + gamma g, with fast_clip's reset of u < 1e-35, inf or NaN to g (gamma < 1)."""
-    if gamma >= 1.0:
-        return g.clone()
-    bad = ~(u_old >= 1e-35) | torch.isinf(u_old)
-    return (1 - gamma) * torch.where(bad, g, u_old) + gamma * g

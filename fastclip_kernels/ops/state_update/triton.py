@@ -1,4 +1,4 @@
-"""Fused Triton kernel of the FastCLIP state update (contract and math: ``update.py``).
+"""Fused Triton kernel of the FastCLIP state update (contract and math: ``__init__.py``).
 
 One launch per step, grid (cdiv(n, BLOCK), 2): program (pid_n, m) updates BLOCK global anchors of
 modality m. Per anchor it reads 6 values (+3 with per-sample tau), writes 4 outputs and, where
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .update import U_RESET_BELOW, UpdateConfig, _log
+from .naive import U_RESET_BELOW, StateBuffers, _log
 
 
 @triton.jit
@@ -80,18 +80,18 @@ def _fastclip_state_update_kernel(
 BLOCK = 1024
 
 
-def state_update_fused(state, indices, lam, delta, pos_dot, log_u_old, tau, cfg: UpdateConfig):
-    """Same contract as ``update.state_update_torch``: (shift, ratio, log_ut, log_u_new) [2, n]."""
+def state_update_fwd(state: StateBuffers, indices, lam, delta, pos_dot, log_u_old, tau, cfg):
+    """Same contract as ``naive.state_update_ref``: (shift, ratio, log_ut, log_u_new) [2, n]."""
     n = indices.shape[0]
     indices = indices.contiguous()  # the kernel reads idx_ptr + offs_n
     lam, delta, pos_dot = lam.contiguous(), delta.contiguous(), pos_dot.contiguous()
     log_u_old = log_u_old.contiguous()
     shift, ratio, log_ut, log_u_new = (torch.empty_like(lam) for _ in range(4))
-    per_sample = state.per_sample_tau
+    per_sample = state.tau is not None
     tau_state = state.tau if per_sample else state.log_u  # never read unless per_sample
     exp_avg = state.exp_avg if per_sample else state.log_u
     exp_avg_sq = state.exp_avg_sq if per_sample else state.log_u
-    interpret = lam.device.type == "cpu"
+    interpret = lam.device.type == "cpu"  # TRITON_INTERPRET=1: small blocks
     grid = (triton.cdiv(n, 16 if interpret else BLOCK), 2)
     _fastclip_state_update_kernel[grid](
         indices, lam, delta, pos_dot, log_u_old, tau,
