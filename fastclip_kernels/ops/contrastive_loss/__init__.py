@@ -79,7 +79,7 @@ def _bwd_op(
     grad_a, grad_c, ds, db = _impl(backend).contrastive_loss_bwd(
         a, c, scale, bias, label_offset, lse_rows, g_rows, lse_cols if cols else None, g_cols
     )
-    return grad_a, grad_c, ds.reshape(()).to(acc), db.reshape(()).to(acc)
+    return grad_a, grad_c, ds.reshape(()).to(acc).clone(), db.reshape(()).to(acc).clone()  # 0-d: distinct
 
 
 @_bwd_op.register_fake

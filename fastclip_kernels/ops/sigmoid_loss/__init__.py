@@ -57,7 +57,7 @@ def _bwd_op(
     grad_a, grad_c, ds, db = _impl(backend).sigmoid_loss_bwd(
         g.reshape(()).to(acc), a, c, scale, bias, label_offset
     )
-    return grad_a, grad_c, ds.reshape(()).to(acc), db.reshape(()).to(acc)
+    return grad_a, grad_c, ds.reshape(()).to(acc).clone(), db.reshape(()).to(acc).clone()  # 0-d: distinct
 
 
 @_bwd_op.register_fake
