@@ -3,7 +3,7 @@ wait for the device (a value read back to the host, or a copy to the CPU) is rec
 
 Two layers, because CPU tensors skip the dispatcher for some reads:
     * ``__torch_function__`` (a TorchFunctionMode): ``.item()``, ``.tolist()``, ``.cpu()``,
-      ``.numpy()``, ``.to("cpu")``, ``bool(t)`` / ``int(t)`` / ``float(t)``, ``torch.equal``,
+      ``.numpy()`` / ``np.asarray(t)``, ``.to("cpu")``, ``bool(t)`` / ``int(t)`` / ``float(t)``, ``torch.equal``,
       ``torch.allclose`` (the Python calls, before any decomposition);
     * ``__torch_dispatch__`` (a TorchDispatchMode): aten ops that need a value on the host
       (``_local_scalar_dense``, ``nonzero``, ``masked_select``, ``unique``, ``equal``) and
@@ -38,6 +38,7 @@ HOST_READ_FUNCTIONS = {
     _T.tolist: "tolist",
     _T.cpu: "cpu",
     _T.numpy: "numpy",
+    _T.__array__: "numpy",
     _T.__bool__: "bool",
     _T.__int__: "int",
     _T.__float__: "float",
@@ -48,9 +49,10 @@ HOST_READ_FUNCTIONS = {
 
 
 def _to_cpu(args, kwargs) -> bool:
-    """Tensor.to(...) with a CPU target device (a device->host copy for a GPU tensor)."""
-    targets = [a for a in args[1:] if isinstance(a, (str, torch.device))] + [kwargs.get("device")]
-    return any(t is not None and torch.device(t).type == "cpu" for t in targets)
+    """Tensor.to("cpu"): a device->host copy for a GPU tensor. Only the literal string counts: on a
+    CPU run, ``.to(x.device)`` is a host->device upload in the GPU step and must not be flagged."""
+    targets = [a for a in args[1:] if isinstance(a, str)] + [kwargs.get("device")]
+    return any(isinstance(t, str) and torch.device(t).type == "cpu" for t in targets)
 
 
 def _has_bool_index(args) -> bool:

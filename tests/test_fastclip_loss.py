@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from helpers import assert_rel_close, grads, leaf
 
 from fastclip_kernels.fastclip import FastCLIPLoss
-from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
 from fastclip_kernels.fastclip.naive import fcco_surrogate_ref, gcl_g_ref, gcl_objective_ref
+from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
 from fastclip_kernels.ops.state_update.naive import u_update_ref
 
 RTOL = 1e-10
