@@ -60,8 +60,11 @@ def test_sigmoid_loss(backend):
     assert_same_value_and_grads(lambda *a: sigmoid_loss(*a, backend=backend), x, y, s, b)
 
 
-@pytest.mark.parametrize("backend", LOSS_BACKENDS)
-@pytest.mark.parametrize("mode", ["clip", "gcl", "rgcl", "rgcl_g"])
+FASTCLIP_CASES = [(mode, "chunked") for mode in ("clip", "gcl", "rgcl", "rgcl_g")]
+FASTCLIP_CASES += [pytest.param("rgcl", "triton", marks=needs_interpreter)]  # the most state: per-sample tau
+
+
+@pytest.mark.parametrize("mode, backend", FASTCLIP_CASES)
 def test_fastclip_loss(mode, backend):
     eager_fn = FastCLIPLoss(30, mode, gamma_min=0.5, backend=backend)
     eager_fn.set_epoch(1)
