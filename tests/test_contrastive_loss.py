@@ -1,4 +1,4 @@
-"""contrastive_loss / FastContrastiveLoss against open_clip's formula (fastclip_kernels.reference)."""
+"""contrastive_loss / FastContrastiveLoss against open_clip's formula (ops/contrastive_loss/naive.py)."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""FastCLIPLoss in one process against the dense fp64 references (reference_fastclip.py).
+"""FastCLIPLoss in one process against the dense fp64 references (fastclip/naive.py).
 
 Model gradients must equal autograd of the dense surrogate/objective to rel. error 1e-10 in fp64;
 u and tau state must follow the update formulas for every index seen.
