@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from harness import fwd_bwd_callable, run_loss_benchmark
 
 from fastclip_kernels import contrastive_loss
-from fastclip_kernels.reference import clip_loss_local_ref, clip_loss_ref
+from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_local_ref, contrastive_loss_ref
 
 FULL = os.environ.get("FASTCLIP_BENCH_FULL") == "1"
 CPU_SHAPES = [(8192, 8192, 512)] if FULL else [(2048, 2048, 512)]
@@ -33,9 +33,9 @@ def _loss_fn(provider, b, n):
 
         return lambda x, y, X, Y, s: 0.5 * (cal_inf_loss(x, Y, scale=s) + cal_inf_loss(y, X, scale=s))
     ref = (
-        (lambda x, y, X, Y, s: clip_loss_ref(x, y, s))
+        (lambda x, y, X, Y, s: contrastive_loss_ref(x, y, s))
         if b == n
-        else (lambda x, y, X, Y, s: clip_loss_local_ref(x, y, X, Y, s, 0))
+        else (lambda x, y, X, Y, s: contrastive_loss_local_ref(x, y, X, Y, s, 0))
     )
     return torch.compile(ref) if provider == "compiled" else ref
 

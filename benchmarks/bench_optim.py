@@ -73,7 +73,7 @@ def _run(benchmark, record, provider, rounds):
     params = _params(dev)
     opt = _optimizer(provider, params)
     if provider.endswith("native"):
-        from fastclip_kernels.optim import native
+        from fastclip_kernels.ops.optim import native
 
         if not native.available(torch.device(dev)):
             pytest.skip("fastclip_kernels._C has no CUDA kernels (built without nvcc)")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from bench_contrastive_loss import CPU_SHAPES, GPU_SHAPES, needs_gpu
 from harness import fwd_bwd_callable, run_loss_benchmark
 
-from fastclip_kernels import siglip_loss
-from fastclip_kernels.reference import siglip_loss_ref
+from fastclip_kernels import sigmoid_loss
+from fastclip_kernels.ops.sigmoid_loss.naive import sigmoid_loss_ref
 
 
 def make_case(provider, b, n, d, dtype, mode, dev):
@@ -23,9 +23,9 @@ def make_case(provider, b, n, d, dtype, mode, dev):
     if provider == "fastclip":
 
         def loss_fn(x, Y, s, bias):
-            return siglip_loss(x, Y[:b], s, bias, all_text_features=Y)
+            return sigmoid_loss(x, Y[:b], s, bias, all_text_features=Y)
     else:
-        loss_fn = siglip_loss_ref
+        loss_fn = sigmoid_loss_ref
     return fwd_bwd_callable(loss_fn, (x, Y, s, bias), mode)
 
 

@@ -31,8 +31,8 @@ from harness import device, sync
 
 from fastclip_kernels import FastContrastiveLoss
 from fastclip_kernels.models import DenseTextTransformer, DenseViT, PackedTextTransformer, PackedViT
+from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
 from fastclip_kernels.optim import FusedAdamW
-from fastclip_kernels.reference import clip_loss_ref
 from training.monitor import peak_flops, step_flops
 
 ON_GPU = torch.cuda.is_available()
@@ -67,7 +67,7 @@ def make_step(provider: str, dev):
         vit, text = DenseViT(**VIT), DenseTextTransformer(**TEXT)
         lens = torch.tensor(lengths, device=dev)
         towers = lambda: (vit(images), text(ids, lens))  # noqa: E731
-        loss_fn = lambda i, t, s: clip_loss_ref(i, t, s)  # noqa: E731
+        loss_fn = lambda i, t, s: contrastive_loss_ref(i, t, s)  # noqa: E731
         flops = step_flops(_dims(), [grid] * BATCH, [TEXT["context_length"]] * BATCH)
     else:
         vit, text = PackedViT(**VIT, attn_backend=ATTN), PackedTextTransformer(**TEXT, attn_backend=ATTN)

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .fastclip import FastCLIPLoss, FastCLIPState, GlobalTemperature, gamma_at
 from .nn import FastContrastiveLoss, FastSigLipLoss
-from .ops import contrastive_loss, siglip_loss, sigmoid_loss_sum, similarity_cross_entropy
+from .ops import contrastive_loss, sigmoid_loss, sigmoid_loss_sum, similarity_cross_entropy
 
 __all__ = [
     "FastCLIPLoss",
@@ -18,7 +18,7 @@ __all__ = [
     "FastContrastiveLoss",
     "FastSigLipLoss",
     "contrastive_loss",
-    "siglip_loss",
+    "sigmoid_loss",
     "similarity_cross_entropy",
     "sigmoid_loss_sum",
     "__version__",

@@ -12,6 +12,14 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def host_checks(t: torch.Tensor, env: str) -> bool:
+    """Whether value checks may read ``t`` on the host: CPU tensors outside ``torch.compile``
+    tracing (a read there would break the graph), or any device with ``env``=1 (a host sync)."""
+    if os.environ.get(env) == "1" and t.device.type != "meta":
+        return True
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_features(name: str, x, dim: int | None = None, device=None, dtype=None) -> None:
     """x must be a non-empty [B, D] floating tensor (matching ``dim``/``device``/``dtype`` if given)."""
     if not isinstance(x, torch.Tensor):
@@ -52,7 +60,7 @@ def as_scalar_tensor(name: str, value, device: torch.device, dtype=torch.float32
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device}, expected {device} (as the features)")
-    if value.device.type == "cpu" or os.environ.get("FASTCLIP_CHECK_FINITE") == "1":
+    if host_checks(value, "FASTCLIP_CHECK_FINITE"):
         if not torch.isfinite(value.detach()).all():
             raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
     return value
@@ -76,7 +84,7 @@ def _check_index_values(name: str, idx: torch.Tensor, data_size: int) -> None:
 def index_checks_enabled(idx: torch.Tensor) -> bool:
     """Value checks (range, duplicates) read the indices on the host: always for CPU tensors, for
     device tensors only with FASTCLIP_CHECK_INDICES=1 (a host sync per step)."""
-    return idx.device.type == "cpu" or os.environ.get("FASTCLIP_CHECK_INDICES") == "1"
+    return host_checks(idx, "FASTCLIP_CHECK_INDICES")
 
 
 def check_indices(name: str, idx, batch: int, data_size: int) -> torch.Tensor:

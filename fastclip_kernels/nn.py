@@ -10,7 +10,7 @@ from torch import nn
 from .distributed.gather import gather_features
 from .fastclip.loss import FastCLIPLoss
 from .ops.contrastive_loss import contrastive_loss
-from .ops.sigmoid_loss import siglip_loss
+from .ops.sigmoid_loss import sigmoid_loss
 
 
 def _check_parallel_args(rank: int, world_size: int, use_horovod: bool) -> None:
@@ -145,7 +145,7 @@ class FastSigLipLoss(nn.Module):
         self.dist_impl, self.bidir, self.backend = dist_impl, bidir, backend
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        loss = sigmoid_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -80,7 +80,7 @@ STAGES = (
     Stage("env", 30, "python -m fastclip_kernels, nvidia-smi clocks, versions, measured bf16 matmul peak"),
     Stage("gpu_tests", 100, "the GPU-only tests (-m gpu): bf16 kernels vs fp64, CUDA kernels, no host sync",
           (Selection("gpu", "tests", marker="gpu",
-                     covers=("contrastive", "sigmoid", "anchor", "attention", "fastclip", "optim_native", "row_dot",
+                     covers=("contrastive", "sigmoid", "anchor", "attention", "fastclip", "optim_native",
                              "training_steps_never_sync", "loop_runs_on_cuda")),), shards=4),
     Stage("kernel_tests", 60, "the other kernel tests, now on the GPU: fp32 / fp16 at the production tiles",
           (Selection("kernels", "tests", marker="not gpu", keyword=NOT_KERNELS,

@@ -21,10 +21,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastclip_kernels.fastclip import update_kernel  # noqa: E402
-from fastclip_kernels.ops.anchor import tiled as anchor_tiled  # noqa: E402
-from fastclip_kernels.ops.pairwise import tiled  # noqa: E402
-from fastclip_kernels.optim import triton_impl as optim_triton  # noqa: E402
+from fastclip_kernels.ops.anchor import triton as anchor_triton  # noqa: E402
+from fastclip_kernels.ops.common import pairwise  # noqa: E402
+from fastclip_kernels.ops.contrastive_loss import triton as contrastive_triton  # noqa: E402
+from fastclip_kernels.ops.optim import triton as optim_triton  # noqa: E402
+from fastclip_kernels.ops.sigmoid_loss import triton as sigmoid_triton  # noqa: E402
+from fastclip_kernels.ops.state_update import triton as update_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
@@ -82,31 +84,31 @@ def compile_one(kernel, dtype, constexprs, num_warps, signature=None):
 
 def configurations():
     for dtype, d in itertools.product(DTYPES, FEATURE_DIMS):
-        cfg = tiled._blocks(d, interpret=False)
+        cfg = pairwise.blocks(d, interpret=False)
         blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
         precision = "tf32" if dtype == "fp32" else "ieee"
         common = dict(HAS_BIAS=True, INPUT_PRECISION=precision, **blocks)
         if d == FEATURE_DIMS[0]:
-            yield tiled._row_cross_entropy_fwd_kernel, dtype, common, cfg["num_warps"]
-            yield tiled._sigmoid_loss_fwd_kernel, dtype, common, cfg["num_warps"]
+            yield contrastive_triton._row_cross_entropy_fwd_kernel, dtype, common, cfg["num_warps"]
+            yield sigmoid_triton._sigmoid_loss_fwd_kernel, dtype, common, cfg["num_warps"]
         for loss, row, col in [(0, True, True), (0, True, False), (0, False, True), (1, False, False)]:
             grad = dict(common, LOSS=loss, HAS_ROW_TERM=row, HAS_COL_TERM=col, BLOCK_DO=cfg["BLOCK_DO"])
-            yield tiled._pairwise_grad_kernel, dtype, grad, cfg["num_warps"]
+            yield pairwise._pairwise_grad_kernel, dtype, grad, cfg["num_warps"]
         yield from anchor_configurations(dtype, d)
 
 
 def anchor_configurations(dtype, d):
     """The anchor kernels: both EXCLUDE_POSITIVE values, every HAS_ROW/HAS_COL the launcher passes."""
-    cfg = tiled._blocks(d, interpret=False)
+    cfg = pairwise.blocks(d, interpret=False)
     blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
     precision = "tf32" if dtype == "fp32" else "ieee"
     for exclude in (True, False):
         common = dict(EXCLUDE_POSITIVE=exclude, INPUT_PRECISION=precision, **blocks)
         if d == FEATURE_DIMS[0]:
-            yield anchor_tiled._anchor_stats_kernel, dtype, common, cfg["num_warps"]
+            yield anchor_triton._anchor_stats_kernel, dtype, common, cfg["num_warps"]
         for row, col in itertools.product((True, False), repeat=2):
             grad = dict(common, HAS_ROW=row, HAS_COL=col, BLOCK_DO=cfg["BLOCK_DO"])
-            yield anchor_tiled._anchor_grad_kernel, dtype, grad, cfg["num_warps"]
+            yield anchor_triton._anchor_grad_kernel, dtype, grad, cfg["num_warps"]
 
 
 STATE_UPDATE_INTS = {"n", "shard", "stride_tau_m", "stride_tau_n", "rank", "world_size"}

@@ -12,7 +12,7 @@ import itertools
 import torch
 import triton
 
-from fastclip_kernels.ops import _patch_embed_kernels as kernels
+from fastclip_kernels.ops.patch_embed import triton as kernels
 
 PATCH_SIZES = (14, 16)
 # (images, weight = compute/output) dtypes

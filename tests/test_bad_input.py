@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from fastclip_kernels import FastContrastiveLoss, FastSigLipLoss, contrastive_loss, siglip_loss
-from fastclip_kernels.ops.pairwise import resolve_backend, similarity_cross_entropy
+from fastclip_kernels import FastContrastiveLoss, FastSigLipLoss, contrastive_loss, sigmoid_loss
+from fastclip_kernels.ops.common import resolve_backend
+from fastclip_kernels.ops.contrastive_loss import similarity_cross_entropy
 
 X, Y = torch.randn(4, 8), torch.randn(4, 8)
 S = torch.tensor(10.0)
@@ -54,7 +55,7 @@ def _call(fn, overrides):
     return fn(**args)
 
 
-@pytest.mark.parametrize("fn", [contrastive_loss, siglip_loss], ids=["clip", "siglip"])
+@pytest.mark.parametrize("fn", [contrastive_loss, sigmoid_loss], ids=["clip", "siglip"])
 @pytest.mark.parametrize("case,overrides,err,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_names_the_argument(fn, case, overrides, err, match):
     before = [t.clone() for t in (X, Y, S)]
@@ -90,7 +91,7 @@ def test_gathered_arguments():
     with pytest.raises(ValueError, match="label_offset needs"):
         contrastive_loss(X, Y, S, label_offset=2)
     with pytest.raises(ValueError, match="label_offset must be"):
-        siglip_loss(X, Y, S, -1.0, all_text_features=all_y, label_offset=-1)
+        sigmoid_loss(X, Y, S, -1.0, all_text_features=all_y, label_offset=-1)
 
 
 def test_backend_and_square_checks():

@@ -1,4 +1,4 @@
-"""contrastive_loss / FastContrastiveLoss against open_clip's formula (fastclip_kernels.reference)."""
+"""contrastive_loss / FastContrastiveLoss against open_clip's formula (ops/contrastive_loss/naive.py)."""
 
 import os
 
@@ -9,8 +9,8 @@ from conftest import triton_device
 from helpers import assert_close_to_ref, assert_rel_close, grads, leaf
 
 from fastclip_kernels import FastContrastiveLoss, contrastive_loss
-from fastclip_kernels.ops.pairwise import chunked
-from fastclip_kernels.reference import clip_loss_local_ref, clip_loss_ref
+from fastclip_kernels.ops.common import chunked
+from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_local_ref, contrastive_loss_ref
 
 CHUNKED_SHAPES = [pytest.param(b, d, id=f"B{b}-D{d}") for b, d in [(1, 64), (7, 77), (127, 512), (9, 1152)]]
 TRITON_SHAPES = [pytest.param(b, d, id=f"B{b}-D{d}") for b, d in [(1, 16), (7, 77), (33, 40)]]
@@ -35,10 +35,10 @@ def check_against_reference(x, y, scale, bias, backend, floor):
     """Loss and all gradients: kernel vs fp64 truth, within 2x PyTorch's own same-dtype error."""
     ours = loss_and_grads(lambda *a: contrastive_loss(*a, backend=backend), x, y, scale, bias)
     torch_same = loss_and_grads(
-        clip_loss_ref, x, y, scale.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        contrastive_loss_ref, x, y, scale.to(x.dtype), None if bias is None else bias.to(x.dtype)
     )
     truth = loss_and_grads(
-        clip_loss_ref, x.double(), y.double(), scale.double(), None if bias is None else bias.double()
+        contrastive_loss_ref, x.double(), y.double(), scale.double(), None if bias is None else bias.double()
     )
     assert_close_to_ref("loss", ours[0], truth[0], torch_same[0], floor=floor)
     for name, g, g64, gt in zip(
@@ -52,7 +52,7 @@ def test_chunked_matches_open_clip_formula_fp64(b, d):
     x, y = features(b, d)
     scale, bias = torch.tensor(14.3, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
     ours = loss_and_grads(lambda *a: contrastive_loss(*a, backend="chunked"), x, y, scale, bias)
-    ref = loss_and_grads(clip_loss_ref, x, y, scale, bias)
+    ref = loss_and_grads(contrastive_loss_ref, x, y, scale, bias)
     atol = 1e-13 * scale.item()  # the loss is a difference of terms of size ~s; B=1 gives 0
     assert_rel_close("loss", ours[0], ref[0], 1e-10, atol)
     for name, g, r in zip(["d_image", "d_text", "d_logit_scale"], ours[1][:3], ref[1][:3], strict=True):
@@ -101,7 +101,7 @@ def test_adversarial_scale_100_and_unnormalized_stay_finite(backend):
     x, y = x.to(device, torch.float32), (-x).to(device, torch.float32)
     scale = torch.tensor(100.0, device=device)
     loss, (gx, gy, gs, _) = loss_and_grads(lambda *a: contrastive_loss(*a, backend=backend), x, y, scale)
-    ref, (rx, ry, rs, _) = loss_and_grads(clip_loss_ref, x.double(), y.double(), scale.double())
+    ref, (rx, ry, rs, _) = loss_and_grads(contrastive_loss_ref, x.double(), y.double(), scale.double())
     for name, t in [("loss", loss), ("d_image", gx), ("d_text", gy), ("d_logit_scale", gs)]:
         assert torch.isfinite(t).all(), f"{name} is not finite"
     assert_rel_close("loss", loss, ref, 1e-5)
@@ -121,7 +121,9 @@ def test_local_rows_against_gathered_columns(backend):
     ours = contrastive_loss(
         x, y, scale, all_image_features=all_x, all_text_features=all_y, label_offset=offset, backend=backend
     )
-    ref = clip_loss_local_ref(x.double(), y.double(), all_x.double(), all_y.double(), scale.double(), offset)
+    ref = contrastive_loss_local_ref(
+        x.double(), y.double(), all_x.double(), all_y.double(), scale.double(), offset
+    )
     assert_rel_close("local loss", ours, ref, 1e-10 if dtype == torch.float64 else 1e-5)
 
 
@@ -133,7 +135,11 @@ def test_module_matches_functional_and_output_dict():
     assert set(out) == {"contrastive_loss"}
     assert torch.equal(out["contrastive_loss"], contrastive_loss(x, y, scale))
     assert_rel_close(
-        "module loss", loss_fn(x, y, scale), clip_loss_ref(x.double(), y.double(), 50.0), 1e-6, 1e-6 * 50
+        "module loss",
+        loss_fn(x, y, scale),
+        contrastive_loss_ref(x.double(), y.double(), 50.0),
+        1e-6,
+        1e-6 * 50,
     )
 
 

@@ -7,6 +7,7 @@ with "no kernel image is available" at the first ``opt.step()``.
 """
 
 import ast
+import importlib
 import re
 import shutil
 import subprocess
@@ -17,7 +18,9 @@ import pytest
 import torch
 
 from fastclip_kernels import _native
-from fastclip_kernels.optim import native, optimizers
+from fastclip_kernels.ops.optim import native
+
+optim_ops = importlib.import_module("fastclip_kernels.ops.optim")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,17 +94,15 @@ def fake_cuda_build(monkeypatch):
 
 
 def test_auto_falls_back_to_triton_on_a_gpu_the_build_does_not_cover(fake_cuda_build):
-    from fastclip_kernels.optim import triton_impl
-
-    cuda = torch.device("cuda", 0)
+    cuda, fp32 = torch.device("cuda", 0), torch.float32
     fake_cuda_build["value"] = (9, 0)
     assert native.available(cuda)
-    assert optimizers._impl_module("auto", cuda) is native
+    assert optim_ops.resolve_backend("auto", cuda, fp32) == "native"
     fake_cuda_build["value"] = (7, 5)  # T4
     assert not native.available(cuda)
-    assert optimizers._impl_module("auto", cuda) is triton_impl
+    assert optim_ops.resolve_backend("auto", cuda, fp32) == "triton"
     with pytest.raises(RuntimeError, match="impl='native'"):
-        optimizers._impl_module("native", cuda)
+        optim_ops.resolve_backend("native", cuda, fp32)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")

@@ -2,7 +2,7 @@
 
 A tiny shared linear encoder (same seed everywhere) embeds each rank's slice of one global batch;
 parameter gradients are averaged over ranks as DDP does. open_clip's conventions, measured against
-the gradient of ``clip_loss_ref`` on the concatenated batch: ratio 1.0 with ``gather_with_grad``,
+the gradient of ``contrastive_loss_ref`` on the concatenated batch: ratio 1.0 with ``gather_with_grad``,
 1/K for the encoders with the naive gather (logit_scale 1.0). CommCounter checks the bytes of the
 gathers and of their reduce-scatter backward; ``all_gather_packed`` must round-trip bit-exactly in
 one collective. One spawn per K (results cached), plus two harness tests.
@@ -22,7 +22,7 @@ from helpers import assert_rel_close
 
 from fastclip_kernels import FastContrastiveLoss
 from fastclip_kernels.distributed import CommCounter, all_gather_packed
-from fastclip_kernels.reference import clip_loss_local_ref, clip_loss_ref
+from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_local_ref, contrastive_loss_ref
 
 B_GLOBAL, D_IN, D, S = 8, 12, 6, 8  # S: bytes per fp64 feature element
 MODES = [(True, True), (False, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
@@ -120,16 +120,16 @@ def _reference(world_size):
     params, img, txt = _model_and_data()
     x, y = _encode(params, img, txt)
     scale = params[2].exp()
-    glob = clip_loss_ref(x, y, scale)
+    glob = contrastive_loss_ref(x, y, scale)
     g_glob = torch.autograd.grad(glob, params, retain_graph=True)
     b = B_GLOBAL // world_size
     local_losses = [
-        clip_loss_local_ref(x[r * b : (r + 1) * b], y[r * b : (r + 1) * b], x, y, scale, r * b)
+        contrastive_loss_local_ref(x[r * b : (r + 1) * b], y[r * b : (r + 1) * b], x, y, scale, r * b)
         for r in range(world_size)
     ]
     # open_clip local_loss without gather_with_grad: the gathered columns carry no gradient
     detached = [
-        clip_loss_local_ref(
+        contrastive_loss_local_ref(
             x[r * b : (r + 1) * b], y[r * b : (r + 1) * b], x.detach(), y.detach(), scale, r * b
         )
         for r in range(world_size)

@@ -1,4 +1,4 @@
-"""FastCLIPLoss in one process against the dense fp64 references (reference_fastclip.py).
+"""FastCLIPLoss in one process against the dense fp64 references (fastclip/naive.py).
 
 Model gradients must equal autograd of the dense surrogate/objective to rel. error 1e-10 in fp64;
 u and tau state must follow the update formulas for every index seen.
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from helpers import assert_rel_close, grads, leaf
 
 from fastclip_kernels.fastclip import FastCLIPLoss
-from fastclip_kernels.reference import clip_loss_ref
-from fastclip_kernels.reference_fastclip import fcco_surrogate_ref, gcl_g_ref, gcl_objective_ref, u_update_ref
+from fastclip_kernels.fastclip.naive import fcco_surrogate_ref, gcl_g_ref, gcl_objective_ref
+from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
+from fastclip_kernels.ops.state_update.naive import u_update_ref
 
 RTOL = 1e-10
 N_DATA = 40
@@ -36,7 +37,7 @@ def test_clip_mode_matches_open_clip():
     x, y = pairs(9)
     s = leaf(torch.tensor(14.0, dtype=torch.float64))
     loss = FastCLIPLoss(mode="clip", backend="chunked")(x, y, s)
-    ref = clip_loss_ref(x, y, s)
+    ref = contrastive_loss_ref(x, y, s)
     assert_rel_close("loss", loss, ref, RTOL)
     for name, got, want in zip("xys", grads(loss, [x, y, s]), grads(ref, [x, y, s]), strict=True):
         assert_rel_close(f"d{name}", got, want, RTOL)

@@ -1,4 +1,4 @@
-"""fastclip_kernels.optim.native (the multi-tensor kernels of ``_C``) against optim/reference.py.
+"""fastclip_kernels.ops.optim.native (the multi-tensor kernels of ``_C``) against ops/optim/naive.py.
 
 The CPU kernels share the metadata table, the chunk loop and the per-element math (csrc/optim_math.h)
 with the CUDA kernels, so these tests check that logic without a GPU: 20 steps of AdamW and LAMB over
@@ -16,7 +16,8 @@ import torch
 from helpers import assert_rel_close
 
 from fastclip_kernels import _native
-from fastclip_kernels.optim import native, reference
+from fastclip_kernels.ops.optim import naive as reference
+from fastclip_kernels.ops.optim import native
 
 needs_native = pytest.mark.skipif(
     not native.available("cpu"),

@@ -1,4 +1,4 @@
-"""siglip_loss / FastSigLipLoss against open_clip's SigLipLoss formula."""
+"""sigmoid_loss / FastSigLipLoss against open_clip's SigLipLoss formula."""
 
 import pytest
 import torch
@@ -7,9 +7,9 @@ from conftest import triton_device
 from helpers import assert_close_to_ref, assert_rel_close, grads, leaf
 from test_contrastive_loss import CHUNKED_SHAPES, LOW_PRECISION, TRITON_SHAPES, features
 
-from fastclip_kernels import FastSigLipLoss, siglip_loss
-from fastclip_kernels.ops.pairwise import chunked
-from fastclip_kernels.reference import siglip_loss_ref
+from fastclip_kernels import FastSigLipLoss, sigmoid_loss
+from fastclip_kernels.ops.common import chunked
+from fastclip_kernels.ops.sigmoid_loss.naive import sigmoid_loss_ref
 
 
 def loss_and_grads(fn, x, y, scale, bias):
@@ -19,9 +19,9 @@ def loss_and_grads(fn, x, y, scale, bias):
 
 
 def check_against_reference(x, y, scale, bias, backend, floor):
-    ours = loss_and_grads(lambda *a: siglip_loss(*a, backend=backend), x, y, scale, bias)
-    torch_same = loss_and_grads(siglip_loss_ref, x, y, scale.to(x.dtype), bias.to(x.dtype))
-    truth = loss_and_grads(siglip_loss_ref, x.double(), y.double(), scale.double(), bias.double())
+    ours = loss_and_grads(lambda *a: sigmoid_loss(*a, backend=backend), x, y, scale, bias)
+    torch_same = loss_and_grads(sigmoid_loss_ref, x, y, scale.to(x.dtype), bias.to(x.dtype))
+    truth = loss_and_grads(sigmoid_loss_ref, x.double(), y.double(), scale.double(), bias.double())
     assert_close_to_ref("loss", ours[0], truth[0], torch_same[0], floor=floor)
     for name, g, g64, gt in zip(
         ["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], truth[1], torch_same[1], strict=True
@@ -33,8 +33,8 @@ def check_against_reference(x, y, scale, bias, backend, floor):
 def test_chunked_matches_open_clip_formula_fp64(b, d):
     x, y = features(b, d)
     scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
-    ours = loss_and_grads(lambda *a: siglip_loss(*a, backend="chunked"), x, y, scale, bias)
-    ref = loss_and_grads(siglip_loss_ref, x, y, scale, bias)
+    ours = loss_and_grads(lambda *a: sigmoid_loss(*a, backend="chunked"), x, y, scale, bias)
+    ref = loss_and_grads(sigmoid_loss_ref, x, y, scale, bias)
     assert_rel_close("loss", ours[0], ref[0], 1e-10)
     for name, g, r in zip(
         ["d_image", "d_text", "d_logit_scale", "d_logit_bias"], ours[1], ref[1], strict=True
@@ -53,7 +53,7 @@ def test_chunked_fp64_gradcheck_over_several_chunks(monkeypatch):
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 12)
     x, y = (leaf(t) for t in features(7, 5, normalized=False))
     scale, bias = leaf(torch.tensor(2.5, dtype=torch.float64)), leaf(torch.tensor(-1.0, dtype=torch.float64))
-    assert torch.autograd.gradcheck(lambda *a: siglip_loss(*a, backend="chunked"), (x, y, scale, bias))
+    assert torch.autograd.gradcheck(lambda *a: sigmoid_loss(*a, backend="chunked"), (x, y, scale, bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -81,8 +81,8 @@ def test_gathered_columns_with_label_offset(backend):
     offset, b = 15, 5
     x, y = all_x[offset : offset + b], all_y[offset : offset + b]
     s, bias = torch.tensor(10.0, device=device, dtype=dtype), torch.tensor(-5.0, device=device, dtype=dtype)
-    ours = siglip_loss(x, y, s, bias, all_text_features=all_y, label_offset=offset, backend=backend)
-    ref = siglip_loss_ref(x.double(), all_y.double(), s.double(), bias.double(), label_offset=offset)
+    ours = sigmoid_loss(x, y, s, bias, all_text_features=all_y, label_offset=offset, backend=backend)
+    ref = sigmoid_loss_ref(x.double(), all_y.double(), s.double(), bias.double(), label_offset=offset)
     assert_rel_close("loss", ours, ref, 1e-10 if dtype == torch.float64 else 1e-5)
 
 
@@ -91,9 +91,9 @@ def test_large_logits_stay_finite(backend):
     device = "cpu" if backend == "chunked" else triton_device()
     x = 3.0 * F.normalize(torch.randn(9, 24), dim=-1).to(device)
     s, bias = torch.tensor(100.0, device=device), torch.tensor(-10.0, device=device)
-    loss, gs = loss_and_grads(lambda *a: siglip_loss(*a, backend=backend), x, -x, s, bias)
+    loss, gs = loss_and_grads(lambda *a: sigmoid_loss(*a, backend=backend), x, -x, s, bias)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in gs)
-    ref = siglip_loss_ref(x.double(), -x.double(), s.double(), bias.double())
+    ref = sigmoid_loss_ref(x.double(), -x.double(), s.double(), bias.double())
     assert_rel_close("loss", loss, ref, 1e-5)
 
 
@@ -109,6 +109,6 @@ def test_module_output_dict_and_missing_bias():
     x, y = features(4, 16, torch.float32)
     loss_fn = FastSigLipLoss(cache_labels=True, dist_impl="bidir")
     out = loss_fn(x, y, torch.tensor(10.0), torch.tensor(-10.0), output_dict=True)
-    assert torch.equal(out["contrastive_loss"], siglip_loss(x, y, 10.0, -10.0))
+    assert torch.equal(out["contrastive_loss"], sigmoid_loss(x, y, 10.0, -10.0))
     with pytest.raises(ValueError, match="logit_bias"):
         loss_fn(x, y, torch.tensor(10.0))

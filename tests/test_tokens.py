@@ -9,7 +9,7 @@ from test_no_host_sync import HostReads
 
 import fastclip_kernels._validation as validation
 from fastclip_kernels import tokens as tk
-from fastclip_kernels.tokens import image, pos_table, text
+from fastclip_kernels.tokens import image, syntax_table, text
 
 SOT, EOT, PAD = 900, 901, 0
 
@@ -190,14 +190,14 @@ VOCAB = ["<|startoftext|>", "<|endoftext|>"] + [f"{w}</w>" for w in WORDS if w !
 toy_tag = WORDS.__getitem__
 
 
-def test_pos_table_and_syntax_priority(tmp_path):
+def test_syntax_table_and_syntax_priority(tmp_path):
     calls = []
-    rank = tk.build_pos_rank(VOCAB, lambda w: calls.append(w) or toy_tag(w))
+    rank = tk.build_syntax_rank(VOCAB, lambda w: calls.append(w) or toy_tag(w))
     assert rank.dtype == torch.int8 and rank.tolist() == [3, 3, 0, 0, 1, 1, 2, 3, 3, 3, 3]
     assert sorted(calls) == sorted(WORDS), "each distinct word tagged once, </w> stripped, specials skipped"
-    assert torch.equal(tk.build_pos_rank({t: i for i, t in enumerate(VOCAB)}, toy_tag), rank)
-    tk.save_pos_rank(rank, tmp_path / "rank.pt")
-    assert torch.equal(tk.load_pos_rank(tmp_path / "rank.pt"), rank)
+    assert torch.equal(tk.build_syntax_rank({t: i for i, t in enumerate(VOCAB)}, toy_tag), rank)
+    tk.save_syntax_rank(rank, tmp_path / "rank.pt")
+    assert torch.equal(tk.load_syntax_rank(tmp_path / "rank.pt"), rank)
     vid = {t.removesuffix("</w>"): i for i, t in enumerate(VOCAB)}
     ids = torch.tensor([[0] + [vid[w] for w in "the red cat runs on the big dog".split()] + [1]])
     for keep, want in [(3, "cat"), (4, "cat dog"), (5, "red cat dog"), (7, "red cat runs big dog")]:
@@ -221,17 +221,17 @@ def test_tag_rank_and_bad_table(tmp_path):
     assert [tk.tag_rank(t) for t in tags] == [0, 0, 1, 1, 2, 2, 3, 3]
     torch.save(torch.tensor([0.5]), tmp_path / "bad.pt")
     with pytest.raises(TypeError, match="table"):
-        tk.load_pos_rank(tmp_path / "bad.pt")
+        tk.load_syntax_rank(tmp_path / "bad.pt")
     for tagger in ({"cat": "NN"}.get, lambda w: 3):  # None (an unknown word) or a non-string tag
         with pytest.raises(TypeError, match="tagger must return a POS tag string"):
-            tk.build_pos_rank(["cat</w>", "sat</w>"], tagger)
+            tk.build_syntax_rank(["cat</w>", "sat</w>"], tagger)
 
 
 @pytest.mark.parametrize("tagger,hint", [("nltk", "pip install nltk"), ("spacy", "pip install spacy")])
 def test_missing_tagger_dependency(tagger, hint, monkeypatch):
     monkeypatch.setitem(sys.modules, tagger, None)  # import fails as if not installed
     with pytest.raises(ImportError, match=hint):
-        tk.build_pos_rank(VOCAB, tagger)
+        tk.build_syntax_rank(VOCAB, tagger)
 
 
 def test_pack_and_lengths_from_pad():
@@ -281,12 +281,12 @@ BAD = [
     (lambda: tk.truncate(IDS, LENS[:2], 4), ValueError, "lengths"),
     (lambda: tk.truncate(IDS, torch.tensor([1, 4, 4, 4]), 4), ValueError, "lengths"),
     (lambda: tk.random_mask(IDS, LENS, 4, generator=3), TypeError, "generator"),
-    (lambda: tk.syntax_mask(IDS, LENS, 4, torch.zeros(1000)), TypeError, "pos_rank"),
+    (lambda: tk.syntax_mask(IDS, LENS, 4, torch.zeros(1000)), TypeError, "syntax_rank"),
     (lambda: tk.syntax_mask(IDS, LENS, 4, torch.zeros(10, dtype=torch.int8)), ValueError, "ids"),
-    (lambda: tk.syntax_mask(IDS, LENS, 4, torch.full((1000,), 5)), ValueError, "pos_rank"),
-    (lambda: tk.build_pos_rank(VOCAB, "stanza"), ValueError, "tagger"),
-    (lambda: tk.build_pos_rank(VOCAB, lambda w: 0), TypeError, "tagger"),
-    (lambda: tk.build_pos_rank(42), TypeError, "vocab"),
+    (lambda: tk.syntax_mask(IDS, LENS, 4, torch.full((1000,), 5)), ValueError, "syntax_rank"),
+    (lambda: tk.build_syntax_rank(VOCAB, "stanza"), ValueError, "tagger"),
+    (lambda: tk.build_syntax_rank(VOCAB, lambda w: 0), TypeError, "tagger"),
+    (lambda: tk.build_syntax_rank(42), TypeError, "vocab"),
 ]
 
 
@@ -296,7 +296,7 @@ def test_bad_input(fn, exc, match):
         fn()
 
 
-@pytest.mark.parametrize("module", [tk, image, text, pos_table], ids=lambda m: m.__name__.split(".")[-1])
+@pytest.mark.parametrize("module", [tk, image, text, syntax_table], ids=lambda m: m.__name__.split(".")[-1])
 def test_docstring_examples(module):
     result = doctest.testmod(module, extraglobs={"torch": torch})
     assert result.failed == 0 and result.attempted > 0

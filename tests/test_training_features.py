@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from training_helpers import csv_rows, tiny_argv
 
-from fastclip_kernels.tokens.pos_table import build_pos_rank, save_pos_rank
+from fastclip_kernels.tokens.syntax_table import build_syntax_rank, save_syntax_rank
 from training import train
 from training.config import parse_args
 from training.dist import Ranks
@@ -70,14 +70,14 @@ def test_syntax_masking_from_a_pos_table(tmp_path):
     tok = CaptionTokenizer.train(["a red circle left of a blue square"] * 4, vocab_size=64)
     tok_path, table_path = str(tmp_path / "tok.json"), str(tmp_path / "pos.pt")
     tok.save(tok_path)
-    save_pos_rank(
-        build_pos_rank(tok.vocab(), lambda w: {"circle": "NN", "square": "NN", "red": "JJ"}.get(w, "DT")),
+    save_syntax_rank(
+        build_syntax_rank(tok.vocab(), lambda w: {"circle": "NN", "square": "NN", "red": "JJ"}.get(w, "DT")),
         table_path,
     )
     clipa = ["--clipa.text_strategy", "syntax", "--clipa.text_length", "6", "--train.max_steps", "2"]
     cfg = _cfg(tmp_path, *clipa, "--data.tokenizer", tok_path, "--clipa.pos_table", table_path)
     assert train.train(cfg)["step"] == 2
-    save_pos_rank(torch.zeros(5, dtype=torch.int8), table_path)
+    save_syntax_rank(torch.zeros(5, dtype=torch.int8), table_path)
     with pytest.raises(ValueError, match="pos_table has 5 entries"):
         train.train(_cfg(tmp_path, *clipa, "--data.tokenizer", tok_path, "--clipa.pos_table", table_path))
     with pytest.raises(FileNotFoundError, match="clipa.pos_table"):

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from fastclip_kernels import tokens
-from fastclip_kernels.tokens.pos_table import build_pos_rank, load_pos_rank, save_pos_rank
+from fastclip_kernels.tokens.syntax_table import build_syntax_rank, load_syntax_rank, save_syntax_rank
 
 from . import dist
 from .monitor import step_flops
@@ -131,8 +131,8 @@ def pos_table(cfg, tokenizer, run_dir: str, is_main: bool = True):
             raise FileNotFoundError(f"clipa.pos_table: no file {cfg.clipa_pos_table}")
         if not is_main:
             raise FileNotFoundError(f"{path}: rank 0 should have written it")
-        save_pos_rank(build_pos_rank(tokenizer.vocab(), tagger="nltk"), path)
-    table = load_pos_rank(path)
+        save_syntax_rank(build_syntax_rank(tokenizer.vocab(), tagger="nltk"), path)
+    table = load_syntax_rank(path)
     if table.numel() != tokenizer.vocab_size:
         raise ValueError(
             f"clipa.pos_table has {table.numel()} entries; the tokenizer has {tokenizer.vocab_size}"

@@ -2,8 +2,8 @@
 inner-LR schedule, learnable global or per-sample temperatures and low-communication all-gather."""
 
 from .loss import FastCLIPLoss
-from .schedules import gamma_at, step_thresh_lr
+from .schedules import gamma_at
 from .state import FastCLIPState
 from .temperature import GlobalTemperature
 
-__all__ = ["FastCLIPLoss", "FastCLIPState", "GlobalTemperature", "gamma_at", "step_thresh_lr"]
+__all__ = ["FastCLIPLoss", "FastCLIPState", "GlobalTemperature", "gamma_at"]

@@ -25,11 +25,11 @@ from .._validation import (
     check_same_batch,
 )
 from ..ops.anchor import anchor_grad, anchor_stats
-from ..ops.pairwise import resolve_backend
+from ..ops.common import resolve_backend
+from ..ops.state_update import UpdateConfig, state_update
 from . import objective
 from .schedules import gamma_at
 from .state import FastCLIPState
-from .update import UpdateConfig, state_update
 
 
 def _gather(parts, world_size, group):
@@ -40,20 +40,24 @@ def _gather(parts, world_size, group):
     return all_gather_packed(parts, group=group)
 
 
-class _FastCLIPFunction(torch.autograd.Function):
-    """Loss value in forward (collectives inside); gradients of x, y, scale with no collective."""
+class _FastCLIPGrad(torch.autograd.Function):
+    """Attaches FastCLIP's gradient estimator to a loss value computed without autograd.
+
+    forward(x, y, scale, value, dscale, X, Y, scale_all, shift, coef, pos_coef, rank,
+    exclude_positive, backend) returns ``value``; backward gives x, y (one ``anchor_grad`` per
+    modality, no collective) and scale (``dscale``). Tensors and plain numbers only: it never calls
+    back into the ``FastCLIPLoss`` that created it.
+    """
 
     @staticmethod
-    def forward(ctx, x, y, scale, loss_fn, indices):
-        value, dscale, saved = loss_fn._forward_pass(x, y, scale, indices)
-        ctx.save_for_backward(*saved)
-        ctx.dscale, ctx.rank = dscale, loss_fn.rank
-        ctx.backend, ctx.exclude_positive = loss_fn._backend, loss_fn.mode != "clip"
-        return value
+    def forward(ctx, x, y, scale, value, dscale, X, Y, scale_all, shift, coef, pos_coef, rank, excl, backend):
+        ctx.save_for_backward(x, y, X, Y, scale_all, shift, coef, pos_coef, dscale)
+        ctx.rank, ctx.exclude_positive, ctx.backend = rank, excl, backend
+        return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, X, Y, scale, shift, coef, pos_coef = ctx.saved_tensors
+        x, y, X, Y, scale, shift, coef, pos_coef, dscale = ctx.saved_tensors
         b = x.shape[0]
         o = ctx.rank * b
         kw = dict(label_offset=o, exclude_positive=ctx.exclude_positive, backend=ctx.backend)
@@ -67,10 +71,8 @@ class _FastCLIPFunction(torch.autograd.Function):
             y, X, pos_coef, row=(scale[1, local], shift[1, local], coef[1, local]),
             col=(scale[0], shift[0], coef[0]), **kw,
         )  # fmt: skip
-        grad_scale = None
-        if ctx.dscale is not None and ctx.needs_input_grad[2]:
-            grad_scale = grad_out * ctx.dscale
-        return grad_x, grad_y, grad_scale, None, None
+        grad_scale = grad_out * dscale if dscale is not None and ctx.needs_input_grad[2] else None
+        return (grad_x, grad_y, grad_scale) + (None,) * 11
 
 
 class FastCLIPLoss(nn.Module):
@@ -166,7 +168,7 @@ class FastCLIPLoss(nn.Module):
             lr_tau=lr_tau, beta1=betas[0], beta2=betas[1], adam_eps=adam_eps,
             tau_min=tau_min, tau_max=tau_max, grad_clip=grad_clip,
         )  # fmt: skip
-        self.state, self._write_state = None, True
+        self.state = None
         if mode != "clip":
             if data_size is None:
                 raise ValueError(f"mode={mode!r} needs data_size (the number of samples)")
@@ -184,21 +186,23 @@ class FastCLIPLoss(nn.Module):
     def gamma(self) -> float:
         return gamma_at(self.epoch, self.gamma_min, self.gamma_decay_epochs, self.gamma_schedule)
 
-    def update_config(self) -> UpdateConfig:
+    def update_config(self, write: bool = True) -> UpdateConfig:
         warm = self.epoch > 0  # fast_clip: both betas are 0 in epoch 0, bias correction by epoch + 1
         hp = dict(self.tau_hparams)
         hp["beta1"], hp["beta2"] = (hp["beta1"], hp["beta2"]) if warm else (0.0, 0.0)
         return UpdateConfig(
             gamma=self.gamma, eps=self.eps, rho=self.rho, reference=self.convention == "reference",
-            step=self.epoch + 1, write=self._write_state, **hp,
+            step=self.epoch + 1, write=write, **hp,
         )  # fmt: skip
 
     def forward(self, image_features, text_features, logit_scale=None, indices=None, output_dict=False):
         x, y, scale, indices = self._check(image_features, text_features, logit_scale, indices)
-        self._backend = resolve_backend(self.backend, x)
-        # Grad mode is read here: inside autograd.Function.forward it is always off.
-        self._write_state = self.training and torch.is_grad_enabled()
-        loss = _FastCLIPFunction.apply(x, y, scale, self, indices)
+        backend = resolve_backend(self.backend, x)
+        write = self.training and torch.is_grad_enabled()  # the u / tau state is written in training only
+        with torch.no_grad():
+            value, dscale, saved = self._forward_pass(x, y, scale, indices, backend, write)
+        rank, excl = self.rank, self.mode != "clip"
+        loss = _FastCLIPGrad.apply(x, y, scale, value, dscale, *saved, rank, excl, backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _check_group(self) -> None:
@@ -246,8 +250,8 @@ class FastCLIPLoss(nn.Module):
         indices = check_indices("indices", indices, x.shape[0], self.state.data_size)
         return x, y, scale, indices.to(x.device, non_blocking=True)
 
-    def _forward_pass(self, x, y, scale, indices):
-        """(loss, dL/dscale or None, tensors saved for backward); runs the forward collectives."""
+    def _forward_pass(self, x, y, scale, indices, backend: str, write: bool):
+        """(loss, dL/dscale or None, tensors the backward needs); runs the forward collectives."""
         K, b = self.world_size, x.shape[0]
         n, o = K * b, self.rank * b
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -262,13 +266,13 @@ class FastCLIPLoss(nn.Module):
         else:
             s_all = scale.detach().reshape(()).to(acc).expand(2, n)
             tau = 1.0 / s_all
-        lam, delta, pos_dot = self._anchor_statistics(x, y, X, Y, s_all[:, o : o + b])
+        lam, delta, pos_dot = self._anchor_statistics(x, y, X, Y, s_all[:, o : o + b], backend)
         if self.mode == "clip":
             loss, dscale, terms = objective.clip_terms(lam, delta, pos_dot, s_all[0, 0], K, o, b)
         else:
             shift, ratio, log_ut, log_u_new = state_update(
-                self.state, idx_all[0], lam, delta, pos_dot, fetched["log_u"], tau, self.update_config(),
-                backend=self._backend,
+                self.state, idx_all[0], lam, delta, pos_dot, fetched["log_u"], tau, self.update_config(write),
+                backend="triton" if backend == "triton" else "reference",
             )  # fmt: skip
             loss, dscale, terms = objective.gcl_terms(
                 self.mode, self.convention, lam, delta, tau, ratio, shift, log_u_new, log_ut,
@@ -276,13 +280,11 @@ class FastCLIPLoss(nn.Module):
             )  # fmt: skip
         if dscale is not None:
             dscale = dscale.reshape(scale.shape).to(scale.dtype)
-        return loss, dscale, (x, y, X, Y, terms.scale, terms.shift, terms.coef, terms.pos_coef)
+        return loss, dscale, (X, Y, terms.scale, terms.shift, terms.coef, terms.pos_coef)
 
-    def _anchor_statistics(self, x, y, X, Y, scale_local):
+    def _anchor_statistics(self, x, y, X, Y, scale_local, backend: str):
         """Gathered (lam [2, n], delta [2, n], pos_dot [n]) of all n anchors (one all_gather)."""
-        kw = dict(
-            label_offset=self.rank * x.shape[0], exclude_positive=self.mode != "clip", backend=self._backend
-        )
+        kw = dict(label_offset=self.rank * x.shape[0], exclude_positive=self.mode != "clip", backend=backend)
         lse_x, mean_x, pos_x = anchor_stats(x, Y, scale_local[0], **kw)
         lse_y, mean_y, pos_y = anchor_stats(y, X, scale_local[1], **kw)
         local = torch.stack(

@@ -1,6 +1,6 @@
-"""FastCLIP's host-side schedules: the inner learning rate gamma (per epoch) and the learnable
-global temperature's learning rate rule ``step_thresh``. Both are plain functions of Python numbers
-(no device reads), so they never synchronize with a GPU."""
+"""FastCLIP's host-side schedule of the inner learning rate gamma (per epoch): a plain function of
+Python numbers (no device reads), so it never synchronizes with a GPU. The global temperature's
+``step_thresh`` rule runs on the device: ``GlobalTemperature.step_thresh_``."""
 
 import math
 
@@ -28,11 +28,3 @@ def gamma_at(epoch: int, gamma_min: float, decay_epochs: int, schedule: str = "c
     if epoch >= decay_epochs or schedule == "constant":
         return gamma_min
     return 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs)) * (1.0 - gamma_min) + gamma_min
-
-
-def step_thresh_lr(lr_tau: float, tau: float, threshold: float = 0.03, factor: float = 1.0 / 3.0) -> float:
-    """FastCLIP-v3's ``step_thresh`` rule for the global temperature's learning rate.
-
-    lr_tau while tau > threshold, lr_tau * factor once tau <= threshold; re-evaluated every step.
-    """
-    return lr_tau * factor if tau <= threshold else lr_tau

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ops.state_update.naive import owned_slots
+
 FIELDS_U = ("log_u",)
 FIELDS_TAU = ("tau", "exp_avg", "exp_avg_sq")
 
@@ -68,11 +70,7 @@ class FastCLIPState(nn.Module):
         """(owned [n] bool, slot [n] int64): which global indices this rank stores, and where.
         Out-of-range indices are owned by no rank (never written); slots of indices this rank does
         not own are clamped into range (read, never used unmasked)."""
-        shard = self.log_u.shape[1]
-        slot = indices // self.world_size
-        owned = (indices % self.world_size == self.rank) & (indices >= 0) & (slot < shard)
-        slot = slot.clamp(0, max(shard - 1, 0))
-        return owned, slot
+        return owned_slots(indices, self.rank, self.world_size, self.log_u.shape[1])
 
     def fetch(self, indices: torch.Tensor, group=None, collective: bool = True) -> dict[str, torch.Tensor]:
         """{'log_u': [2, n], 'tau': [2, n] if per_sample_tau} for the global batch ``indices`` [n].

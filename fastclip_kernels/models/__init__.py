@@ -5,7 +5,7 @@ only and attention through ``varlen_attention_qkvpacked``; ``DenseViT`` / ``Dens
 hold the same parameters (open_clip's names) and compute the same function on padded batches.
 """
 
-from .dense_reference import DenseTextTransformer, DenseViT
+from .naive import DenseTextTransformer, DenseViT
 from .packed import PackedTextTransformer, PackedTransformer, PackedViT
 
 __all__ = ["DenseTextTransformer", "DenseViT", "PackedTextTransformer", "PackedTransformer", "PackedViT"]

@@ -5,7 +5,7 @@ Image (indices into a row-major ``gh x gw`` patch grid, CLS never dropped):
 ``random_keep``, ``random_keep_varlen``, ``grid_keep``, ``block_keep``, ``resize_images``,
 then ``with_class_token`` and ``gather_tokens``.
 Text (token ids ``[B, L]`` with lengths, SOT and EOT always kept): ``truncate``, ``random_mask``,
-``block_mask``, ``syntax_mask`` (with ``build_pos_rank``'s table), then ``pack`` for varlen.
+``block_mask``, ``syntax_mask`` (with ``build_syntax_rank``'s table), then ``pack`` for varlen.
 
     >>> import torch
     >>> from fastclip_kernels import tokens
@@ -26,7 +26,16 @@ from .image import (
     resized_grid,
     with_class_token,
 )
-from .pos_table import ADJ, NOUN, OTHER, VERB, build_pos_rank, load_pos_rank, save_pos_rank, tag_rank
+from .syntax_table import (
+    ADJ,
+    NOUN,
+    OTHER,
+    VERB,
+    build_syntax_rank,
+    load_syntax_rank,
+    save_syntax_rank,
+    tag_rank,
+)
 from .text import block_mask, lengths_from_pad, pack, random_mask, syntax_mask, truncate
 
 __all__ = [
@@ -37,18 +46,18 @@ __all__ = [
     "block_keep",
     "block_mask",
     "block_shape",
-    "build_pos_rank",
+    "build_syntax_rank",
     "gather_tokens",
     "grid_keep",
     "lengths_from_pad",
-    "load_pos_rank",
+    "load_syntax_rank",
     "pack",
     "random_keep",
     "random_keep_varlen",
     "random_mask",
     "resize_images",
     "resized_grid",
-    "save_pos_rank",
+    "save_syntax_rank",
     "syntax_mask",
     "tag_rank",
     "truncate",

@@ -11,7 +11,7 @@ of width ``keep`` with new lengths ``min(n, keep)``. Captions with ``n <= keep``
 * ``random_mask``: a uniformly random subset (open_clip ``random_mask_tokenize``, order kept).
 * ``block_mask``: one contiguous span, start uniform (open_clip ``simple_mask_tokenize``).
 * ``syntax_mask``: nouns, then adjectives, then verbs, then the rest, ties by position, ranked by a
-  per-token-id table (``pos_table.build_pos_rank``), like CLIPA's JAX ``noun_tokenize``.
+  per-token-id table (``syntax_table.build_syntax_rank``), like CLIPA's JAX ``noun_tokenize``.
 
 Each strategy is one priority key per position (SOT/EOT first, content by the strategy, padding
 last, ties by position) followed by ``topk`` and a sort of the kept positions. ``pack`` turns the
@@ -133,10 +133,10 @@ def block_mask(ids, lengths, keep: int, generator=None, *, pad_id: int = 0):
     return _select(ids, lengths, keep, outside.to(torch.int64), pad_id)
 
 
-def syntax_mask(ids, lengths, keep: int, pos_rank: torch.Tensor, *, pad_id: int = 0):
+def syntax_mask(ids, lengths, keep: int, syntax_rank: torch.Tensor, *, pad_id: int = 0):
     """SOT, the ``keep - 2`` content tokens of highest part-of-speech priority and EOT.
 
-    ``pos_rank [vocab]`` (int8..int64, from ``build_pos_rank``; 0 noun, 1 adjective, 2 verb,
+    ``syntax_rank [vocab]`` (int8..int64, from ``build_syntax_rank``; 0 noun, 1 adjective, 2 verb,
     3 other) ranks each token id; ties go to the earlier token; the output keeps the original order.
     Deterministic: the same caption gives the same tokens every epoch, as in CLIPA.
 
@@ -146,26 +146,28 @@ def syntax_mask(ids, lengths, keep: int, pos_rank: torch.Tensor, *, pad_id: int 
     [[0, 2, 3, 4]]
     """
     lengths = _check(ids, lengths, keep, pad_id)
-    if not isinstance(pos_rank, torch.Tensor) or pos_rank.dim() != 1 or pos_rank.is_floating_point():
+    if not isinstance(syntax_rank, torch.Tensor) or syntax_rank.dim() != 1 or syntax_rank.is_floating_point():
         raise TypeError(
-            f"pos_rank must be a 1-D integer tensor [vocab], got {getattr(pos_rank, 'dtype', type(pos_rank))}"
+            f"syntax_rank must be a 1-D integer tensor [vocab], got {getattr(syntax_rank, 'dtype', type(syntax_rank))}"
         )
-    if pos_rank.device != ids.device:
+    if syntax_rank.device != ids.device:
         raise ValueError(
-            f"pos_rank is on {pos_rank.device}, expected {ids.device} (as ids); move it once with .to()"
+            f"syntax_rank is on {syntax_rank.device}, expected {ids.device} (as ids); move it once with .to()"
         )
-    vocab = pos_rank.shape[0]
+    vocab = syntax_rank.shape[0]
     if vocab == 0:
-        raise ValueError("pos_rank must not be empty")
+        raise ValueError("syntax_rank must not be empty")
     if _validation.index_checks_enabled(ids):
         tokens = torch.where(
             torch.arange(ids.shape[1], device=ids.device) < lengths[:, None], ids, 0
         )  # padding may be any id
         if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-            raise ValueError(f"ids must be in [0, {vocab}) (pos_rank's vocab), got max {int(tokens.max())}")
-        if int(pos_rank.min()) < 0 or int(pos_rank.max()) > 3:
-            raise ValueError("pos_rank must hold ranks in [0, 3] (noun, adjective, verb, other)")
-    rank = pos_rank.to(torch.int64)[ids.clamp(0, vocab - 1)]  # clamp: padding ids (unused ranks)
+            raise ValueError(
+                f"ids must be in [0, {vocab}) (syntax_rank's vocab), got max {int(tokens.max())}"
+            )
+        if int(syntax_rank.min()) < 0 or int(syntax_rank.max()) > 3:
+            raise ValueError("syntax_rank must hold ranks in [0, 3] (noun, adjective, verb, other)")
+    rank = syntax_rank.to(torch.int64)[ids.clamp(0, vocab - 1)]  # clamp: padding ids (unused ranks)
     return _select(ids, lengths, keep, rank, pad_id)
 
 

@@ -18,21 +18,73 @@ The row term is the gradient of the local anchors' own losses; the column term i
 FastCLIP surrogate's two passes become one kernel per modality with no collective in backward.
 Shifts are log-normalizers chosen by the caller so every exp is bounded (no overflow at s=100).
 
-Backends: ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1) and ``chunked`` (PyTorch, fp64).
+Backends: ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1) and ``chunked`` (PyTorch, fp64);
+``naive.py`` holds the dense references. Registered ops (fake implementations; no autograd formula:
+these are the building blocks of FastCLIP's gradient *estimator*, which ``FastCLIPLoss`` assembles
+from ``anchor_grad`` itself, so their inputs never require grad):
+
+    fastclip::anchor_stats(a, c, row_scale, label_offset, exclude_positive, backend)
+        -> (lse [M], mean_dot [M], pos_dot [M])
+    fastclip::anchor_grad(a, c, pos_coef, row_scale?, row_shift?, row_coef?, col_scale?, col_shift?,
+        col_coef?, label_offset, exclude_positive, backend) -> grad_a [M, D]
 """
 
-from ..pairwise import resolve_backend
+import torch
+from torch import Tensor
+
+from ..common import resolve_backend, rows_contiguous
 from . import chunked
 
 
-def _tiled():
-    from . import tiled
+def _impl(backend: str):
+    if backend == "triton":
+        from . import triton
 
-    return tiled
+        return triton
+    return chunked
 
 
-def _contiguous_rows(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastclip::anchor_stats", mutates_args=())
+def _stats_op(
+    a: Tensor, c: Tensor, row_scale: Tensor, label_offset: int, exclude_positive: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    a, c = rows_contiguous(a), rows_contiguous(c)
+    return _impl(backend).anchor_stats(a, c, row_scale, label_offset, exclude_positive)
+
+
+@_stats_op.register_fake
+def _(a, c, row_scale, label_offset, exclude_positive, backend):
+    return tuple(a.new_empty(a.shape[0], dtype=_acc(a.dtype)) for _ in range(3))
+
+
+@torch.library.custom_op("fastclip::anchor_grad", mutates_args=())
+def _grad_op(
+    a: Tensor,
+    c: Tensor,
+    pos_coef: Tensor,
+    row_scale: Tensor | None,
+    row_shift: Tensor | None,
+    row_coef: Tensor | None,
+    col_scale: Tensor | None,
+    col_shift: Tensor | None,
+    col_coef: Tensor | None,
+    label_offset: int,
+    exclude_positive: bool,
+    backend: str,
+) -> Tensor:
+    a, c = rows_contiguous(a), rows_contiguous(c)
+    row = None if row_scale is None else (row_scale, row_shift, row_coef)
+    col = None if col_scale is None else (col_scale, col_shift, col_coef)
+    return _impl(backend).anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row, col)
+
+
+@_grad_op.register_fake
+def _(a, c, pos_coef, *terms_and_config):
+    return torch.empty_like(a, memory_format=torch.contiguous_format)
 
 
 def anchor_stats(a, c, row_scale, *, label_offset: int = 0, exclude_positive: bool = True, backend="auto"):
@@ -43,14 +95,12 @@ def anchor_stats(a, c, row_scale, *, label_offset: int = 0, exclude_positive: bo
         row_scale (torch.Tensor): [M] per-anchor scale s_i (a stride-0 expand of a scalar is fine).
         label_offset (int): the positive of row i is column i + label_offset, in [0, N - M].
         exclude_positive (bool): leave the positive out of the sums (FastCLIP's g) or keep it.
+        backend (str): "auto", "triton" or "chunked" (``ops.common``).
     Returns:
         (lse [M], mean_dot [M], pos_dot [M]) fp32 (fp64 for fp64 inputs).
     """
     backend = resolve_backend(backend, a)
-    a, c = _contiguous_rows(a), _contiguous_rows(c)
-    if backend == "triton":
-        return _tiled().anchor_stats(a, c, row_scale, label_offset, exclude_positive)
-    return chunked.anchor_stats(a, c, row_scale, label_offset, exclude_positive)
+    return torch.ops.fastclip.anchor_stats(a, c, row_scale, label_offset, exclude_positive, backend)
 
 
 def anchor_grad(
@@ -65,10 +115,9 @@ def anchor_grad(
         col (tuple | None): (scale [N], shift [N], coef [N]) of the column anchors' term.
     """
     backend = resolve_backend(backend, a)
-    a, c = _contiguous_rows(a), _contiguous_rows(c)
-    if backend == "triton":
-        return _tiled().anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row, col)
-    return chunked.anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row, col)
+    row = row if row is not None else (None, None, None)
+    col = col if col is not None else (None, None, None)
+    return torch.ops.fastclip.anchor_grad(a, c, pos_coef, *row, *col, label_offset, exclude_positive, backend)
 
 
 __all__ = ["anchor_stats", "anchor_grad"]

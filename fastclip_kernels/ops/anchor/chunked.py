@@ -1,4 +1,4 @@
-"""Chunked PyTorch implementation of the per-anchor ops (same math and API as ``tiled.py``).
+"""Chunked PyTorch implementation of the per-anchor ops (same math and API as ``triton.py``).
 
 Rows of A are processed a chunk at a time against all of C, so the largest temporary is
 [chunk, N]. Used for CPU tensors and fp64; it is also the specification of the Triton kernels.
@@ -6,7 +6,7 @@ Rows of A are processed a chunk at a time against all of C, so the largest tempo
 
 import torch
 
-from ..pairwise.chunked import _accum_dtype, _row_chunks
+from ..common.chunked import accum_dtype, row_chunks
 
 
 def _dots(a, c, i0, i1):
@@ -21,10 +21,10 @@ def _positive_mask(rows: int, n: int, i0: int, label_offset: int, device) -> tor
 
 def anchor_stats(a, c, row_scale, label_offset: int, exclude_positive: bool, chunk: int | None = None):
     """(lse [M], mean_dot [M], pos_dot [M]); see ``fastclip_kernels.ops.anchor.anchor_stats``."""
-    acc = _accum_dtype(a.dtype)
+    acc = accum_dtype(a.dtype)
     a, c, row_scale = a.to(acc), c.to(acc), row_scale.to(acc)
     lse, mean_dot, pos_dot = (a.new_empty(a.shape[0]) for _ in range(3))
-    for i0, i1 in _row_chunks(a.shape[0], c.shape[0], chunk):
+    for i0, i1 in row_chunks(a.shape[0], c.shape[0], chunk):
         dot = _dots(a, c, i0, i1)
         pos = _positive_mask(i1 - i0, c.shape[0], i0, label_offset, a.device)
         z = dot * row_scale[i0:i1, None]
@@ -56,10 +56,10 @@ def anchor_weight(dot, i0, label_offset, exclude_positive, pos_coef, row, col):
 
 def anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row=None, col=None, chunk=None):
     """grad_a [M, D] = W @ C in a's dtype; see ``fastclip_kernels.ops.anchor.anchor_grad``."""
-    acc = _accum_dtype(a.dtype)
+    acc = accum_dtype(a.dtype)
     a32, c32 = a.to(acc), c.to(acc)
     grad_a = torch.empty_like(a32)
-    for i0, i1 in _row_chunks(a.shape[0], c.shape[0], chunk):
+    for i0, i1 in row_chunks(a.shape[0], c.shape[0], chunk):
         w = anchor_weight(_dots(a32, c32, i0, i1), i0, label_offset, exclude_positive, pos_coef, row, col)
         grad_a[i0:i1] = w @ c32
     return grad_a.to(a.dtype)

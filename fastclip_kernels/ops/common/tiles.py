@@ -1,0 +1,94 @@
+"""Triton device functions shared by the pairwise kernels (``pairwise.py``, the losses, the anchor ops): the similarity tile,
+numerically safe softplus / sigmoid, the positive-pair mask and the per-tile dL/dz (W)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _similarity_tile(
+    a_ptr,
+    c_ptr,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    D,
+    stride_am,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """<a_i, c_j> for one [BLOCK_M, BLOCK_N] tile, fp32 accumulation over D in BLOCK_D steps."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        c = tl.load(
+            c_ptr + offs_n[:, None] * stride_cn + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, tl.trans(c), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _softplus(z):
+    """log(1 + exp(z)) without overflow, accurate where exp(-|z|) is below fp32 epsilon."""
+    t = tl.exp(-tl.abs(z))
+    log1p_t = tl.where(t < 1e-4, t * (1.0 - 0.5 * t), tl.log(1.0 + t))
+    return tl.maximum(z, 0.0) + log1p_t
+
+
+@triton.jit
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) from exp(-|z|) <= 1, so no exp ever overflows."""
+    t = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+
+
+@triton.jit
+def _is_positive(offs_m, offs_n, label_offset):
+    return offs_n[None, :] == offs_m[:, None] + label_offset
+
+
+@triton.jit
+def _pairwise_weight(
+    z,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    label_offset,
+    lse_row_ptr,
+    g_row_ptr,
+    lse_col_ptr,
+    g_col_ptr,
+    g_ptr,
+    LOSS: tl.constexpr,
+    HAS_ROW_TERM: tl.constexpr,
+    HAS_COL_TERM: tl.constexpr,
+):
+    """W_ij = dL/dz_ij for one tile (see the module docstring), zero outside the matrix."""
+    w = tl.zeros(z.shape, dtype=tl.float32)
+    pos = _is_positive(offs_m, offs_n, label_offset).to(tl.float32)
+    if LOSS == 0:
+        if HAS_ROW_TERM:
+            lse_row = tl.load(lse_row_ptr + offs_m, mask=mask_m, other=0.0)
+            g_row = tl.load(g_row_ptr + offs_m, mask=mask_m, other=0.0)
+            w += g_row[:, None] * (tl.exp(z - lse_row[:, None]) - pos)
+        if HAS_COL_TERM:
+            lse_col = tl.load(lse_col_ptr + offs_n, mask=mask_n, other=0.0)
+            g_col = tl.load(g_col_ptr + offs_n, mask=mask_n, other=0.0)
+            w += g_col[None, :] * (tl.exp(z - lse_col[None, :]) - pos)
+    else:
+        w += tl.load(g_ptr).to(tl.float32) * (_sigmoid(z) - pos)
+    return tl.where(mask_m[:, None] & mask_n[None, :], w, 0.0)

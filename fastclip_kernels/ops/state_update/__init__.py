@@ -1,0 +1,125 @@
+"""FastCLIP's per-step state update over the global batch: one registered op, two implementations
+(``triton.py``: one fused kernel; ``naive.py``: the plain-PyTorch spec, also the CPU path).
+
+For each global anchor j < n and modality m (0 image, 1 text), given the gathered statistics
+lam = log sum_{k != j} exp(s_j P_jk) - s_j P_jj  (so g = exp(lam) / (n - 1)),
+delta = mean_dot - pos_dot (d lam / d s_j) and the fetched log u_old, tau:
+
+    log g       = lam - log(n - 1)
+    u_old       <- g  if gamma < 1 and (u_old < 1e-35, inf or NaN)        (FastCLIP's reset rule)
+    log u_new   = logaddexp(log(1 - gamma) + log u_old, log gamma + log g)  (u <- (1-gamma) u + gamma g)
+    log u~      = logaddexp(log u_new, log eps)                           (u~ = eps + u_new)
+    ratio       = g / u~
+    shift       = s_j P_jj + log(n - 1) + log u~   (so exp(s_j P_jk - shift) = exp(s_j d_jk) / ((n-1) u~))
+
+and, with per-sample temperatures (RGCL), the FCCO estimate of d/d tau_j of tau_j (log(eps + g_j) + rho):
+
+    grad_tau    = clamp(log u~ + rho - ratio * delta / tau, -clip, clip)     (``reference``: log u_new)
+    Adam step   m, v with betas (0 in epoch 0), bias correction by ``step`` = epoch + 1,
+    tau         <- clamp(tau - lr * m_hat / (sqrt(v_hat) + adam_eps), tau_min, tau_max)
+
+Only the rank owning sample j writes its log u (and tau, moments); every rank gets shift, ratio
+and log u~ for all n anchors (the backward needs them). No host synchronization.
+
+Registered op (fake implementation; the state tensors are declared mutated, so it traces):
+
+    fastclip::state_update(indices, lam, delta, pos_dot, log_u_old, tau, log_u!, tau_state!?,
+        exp_avg!?, exp_avg_sq!?, rank, world_size, hparams: float[10], step, reference, write, backend)
+        -> (shift, ratio, log_ut, log_u_new)   each [2, n]
+It takes tensors and plain numbers, never the ``FastCLIPState`` module that owns the buffers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..common import resolve_backend
+from . import naive
+from .naive import U_RESET_BELOW
+
+_FLOATS = ("gamma", "eps", "rho", "lr_tau", "beta1", "beta2", "adam_eps", "tau_min", "tau_max", "grad_clip")
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Host-side scalars of one update (see the module docstring)."""
+
+    gamma: float
+    eps: float
+    rho: float = 0.0
+    reference: bool = False
+    lr_tau: float = 0.0
+    beta1: float = 0.0
+    beta2: float = 0.0
+    adam_eps: float = 1e-8
+    step: int = 1
+    tau_min: float = 0.01
+    tau_max: float = 1.0
+    grad_clip: float = 5.0
+    write: bool = True
+
+    def floats(self) -> list[float]:
+        return [float(getattr(self, name)) for name in _FLOATS]
+
+    @classmethod
+    def from_op_args(cls, hparams, step: int, reference: bool, write: bool) -> "UpdateConfig":
+        return cls(**dict(zip(_FLOATS, hparams, strict=True)), step=step, reference=reference, write=write)
+
+
+@torch.library.custom_op(
+    "fastclip::state_update", mutates_args=("log_u", "tau_state", "exp_avg", "exp_avg_sq")
+)
+def _state_update_op(
+    indices: Tensor,
+    lam: Tensor,
+    delta: Tensor,
+    pos_dot: Tensor,
+    log_u_old: Tensor,
+    tau: Tensor,
+    log_u: Tensor,
+    tau_state: Tensor | None,
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor | None,
+    rank: int,
+    world_size: int,
+    hparams: list[float],
+    step: int,
+    reference: bool,
+    write: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cfg = UpdateConfig.from_op_args(hparams, step, reference, write)
+    buffers = naive.StateBuffers(log_u, tau_state, exp_avg, exp_avg_sq, rank, world_size)
+    if backend == "triton":
+        from .triton import state_update_fwd
+
+        return state_update_fwd(buffers, indices, lam, delta, pos_dot, log_u_old, tau, cfg)
+    return naive.state_update_ref(buffers, indices, lam, delta, pos_dot, log_u_old, tau, cfg)
+
+
+@_state_update_op.register_fake
+def _(indices, lam, *rest):
+    return tuple(torch.empty_like(lam, memory_format=torch.contiguous_format) for _ in range(4))
+
+
+def state_update(state, indices, lam, delta, pos_dot, log_u_old, tau, cfg: UpdateConfig, backend="auto"):
+    """(shift, ratio, log_ut, log_u_new), each [2, n], and the in-place update of ``state``'s shard.
+
+    Args:
+        state: a ``FastCLIPState`` (its buffers and placement are read here and handed to the op).
+        indices (torch.Tensor): [n] int64 global sample ids of the global batch.
+        lam, delta, log_u_old, tau (torch.Tensor): [2, n] (tau may be a stride-0 expand of the global
+            temperature); pos_dot [n]. Arithmetic in lam's dtype.
+        cfg (UpdateConfig): the step's scalars. backend: "auto", "triton" or "reference".
+    """
+    backend = resolve_backend(backend, lam, "reference")
+    per_sample = state.per_sample_tau
+    opt = (state.tau, state.exp_avg, state.exp_avg_sq) if per_sample else (None, None, None)
+    return torch.ops.fastclip.state_update(
+        indices, lam, delta, pos_dot, log_u_old, tau, state.log_u, *opt, state.rank, state.world_size,
+        cfg.floats(), cfg.step, cfg.reference, cfg.write, backend,
+    )  # fmt: skip
+
+
+__all__ = ["UpdateConfig", "U_RESET_BELOW", "state_update"]
