@@ -37,7 +37,7 @@ def _has_bool_index(args) -> bool:
 @pytest.mark.parametrize("mode", ["clip", "gcl", "rgcl", "rgcl_g"])
 def test_step_reads_nothing_back(mode, monkeypatch):
     monkeypatch.setattr(validation, "index_checks_enabled", lambda idx: False)
-    monkeypatch.setattr(loss_module, "as_scalar_tensor", lambda name, value, device, dtype: value)
+    monkeypatch.setattr(loss_module, "as_scalar_tensor", lambda name, value, device, dtype, **kw: value)
     fn = FastCLIPLoss(50, mode, gamma_min=0.5, backend="chunked")
     x, y = pairs(8)
     s = None if mode == "rgcl" else torch.tensor(10.0, dtype=torch.float64, requires_grad=mode != "gcl")
