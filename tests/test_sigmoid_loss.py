@@ -1,5 +1,7 @@
 """sigmoid_loss / FastSigLipLoss against open_clip's SigLipLoss formula."""
 
+import decimal
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,12 +99,22 @@ def test_large_logits_stay_finite(backend):
     assert_rel_close("loss", loss, ref, 1e-5)
 
 
+def _softplus_decimal(z: float) -> float:
+    """log(1 + e^z) in 400-digit decimals (1 + e^-700 must not round to 1): an independent fp64 reference."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 400
+        return float((decimal.Decimal(z).exp() + 1).ln())
+
+
 def test_softplus_is_exact_where_torch_softplus_is_not():
-    """The math wins: softplus(25) = 25 + log1p(exp(-25)); torch's threshold=20 returns 25."""
-    z = torch.tensor([25.0, 40.0, -30.0, 0.5], dtype=torch.float64)
-    exact = torch.log1p(torch.exp(-z.abs())) + z.clamp(min=0)
-    assert torch.equal(chunked.softplus(z), exact)
-    assert (F.softplus(z) - exact).abs().max() > 1e-12  # the source we do not follow here
+    """Against exact decimals, to 1 ulp: softplus(25) = 25 + 1.4e-11 (torch's threshold=20 returns
+    25), softplus(-30) = 9.4e-14 (log(1 + e^z) in fp64 loses 3 digits there), and moderate values."""
+    values = [25.0, 40.0, -30.0, -700.0, 0.5, -3.0, 0.0, 700.0]
+    z = torch.tensor(values, dtype=torch.float64)
+    want = torch.tensor([_softplus_decimal(v) for v in values], dtype=torch.float64)
+    ulp = torch.finfo(torch.float64).eps
+    assert ((chunked.softplus(z) - want).abs() <= ulp * want.abs()).all(), (chunked.softplus(z) - want) / want
+    assert (F.softplus(z) - want).abs().max() > 1e-12  # the source we do not follow here
 
 
 def test_module_output_dict_and_missing_bias():
