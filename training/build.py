@@ -125,13 +125,13 @@ def tokenizer(cfg, captions, run_dir):
 
 def loss_fn(cfg, data_size, device, rank=0, world_size=1):
     """The loss of ``loss.mode`` for this rank. With K > 1 ranks CLIP uses FastCLIP's low-communication
-    gather (global loss, no collective in backward); SigLIP supports one process only."""
+    gather (global loss, no collective in backward); SigLIP one no-grad gather, no backward collective."""
     if cfg.loss_mode == "clip":
         if world_size == 1:
             return FastContrastiveLoss()
         return FastContrastiveLoss(rank=rank, world_size=world_size, low_comm=True)
     if cfg.loss_mode == "siglip":
-        return FastSigLipLoss()
+        return FastSigLipLoss(rank=rank, world_size=world_size)
     return FastCLIPLoss(
         data_size, cfg.loss_mode, rank=rank, world_size=world_size, gamma_min=cfg.loss_gamma_min,
         gamma_decay_epochs=cfg.loss_gamma_decay_epochs, eps=cfg.loss_eps, rho=cfg.loss_rho,
