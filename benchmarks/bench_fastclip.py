@@ -1,23 +1,18 @@
 """FastCLIP losses: loss + state update, fwd+bwd, per mode vs the ``clip`` mode and vs a
-materialized dense implementation (fast_clip-style: [n, n] similarities, exp, masks); and, on a
-GPU, the fused state-update kernel vs the same update in plain PyTorch ops (target >= 5x at a
-global batch of 32k).
+materialized dense implementation (fast_clip-style: [n, n] similarities, exp, masks). The state
+update alone: bench_state_update.py; the per-anchor ops alone: bench_anchor.py.
 
 Single process (b = n). CPU runs n = 2048 (8192 with FASTCLIP_BENCH_FULL=1); GPU n = 4096, 32768.
 """
 
-from functools import partial
-
 import os
-import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import fwd_bwd_callable, machine, run_loss_benchmark, sync
+from harness import fwd_bwd_callable, run_loss_benchmark
 
-from fastclip_kernels.fastclip import FastCLIPLoss, FastCLIPState
-from fastclip_kernels.ops.state_update import UpdateConfig, state_update
+from fastclip_kernels.fastclip import FastCLIPLoss
 from fastclip_kernels.fastclip.naive import fcco_surrogate_ref, gcl_g_ref
 from fastclip_kernels.ops.state_update.naive import u_update_ref
 
@@ -77,34 +72,3 @@ def test_fastclip_loss_gpu(benchmark, record, shape, provider):
     run_loss_benchmark(
         benchmark, record, "fastclip_loss", make_case, provider, shape, "bfloat16", "fwd+bwd", 10
     )
-
-
-def _update_case(impl, n, per_sample):
-    dev = "cuda"
-    state = FastCLIPState(400_000_000 // 8, rank=0, world_size=1, per_sample_tau=per_sample, device=dev)
-    idx = torch.randperm(state.log_u.shape[1], device=dev)[:n]
-    lam, delta = torch.randn(2, n, device=dev) + 5, -torch.rand(2, n, device=dev)
-    pos, log_u = torch.randn(n, device=dev), torch.randn(2, n, device=dev)
-    tau = torch.rand(2, n, device=dev) * 0.1 + 0.02
-    cfg = UpdateConfig(gamma=0.8, eps=1e-14, rho=8.5, lr_tau=1e-2, beta1=0.9, beta2=0.999, step=3)
-    if impl == "fused":
-        update = partial(state_update, backend="triton")
-    else:
-        update = state_update
-    return lambda: update(state, idx, lam, delta, pos, log_u, tau, cfg)
-
-
-@needs_gpu
-@pytest.mark.parametrize("per_sample", [False, True], ids=["u-only", "per-sample-tau"])
-@pytest.mark.parametrize("impl", ["torch", "fused"])
-def test_state_update_gpu(benchmark, record, impl, per_sample):
-    """Global batch 32k (b = 4096 on each of 8 ranks): every rank updates all 32768 anchors."""
-    fn = _update_case(impl, 32768, per_sample)
-    fn()
-    benchmark.pedantic(lambda: (fn(), sync()), rounds=50, warmup_rounds=5, iterations=1)
-    median = statistics.median(benchmark.stats.stats.data)
-    record(
-        bench="fastclip_state_update", shape=f"n32768-{'tau' if per_sample else 'u'}", provider=impl,
-        mode="update", median_ms=f"{median * 1e3:.3f}", peak_gib="", tflops="",
-    )  # fmt: skip
-    assert machine()["gpu"] != "none"

@@ -26,8 +26,8 @@ from harness import device, sync
 
 from fastclip_kernels import FastContrastiveLoss
 from fastclip_kernels.models import DenseTextTransformer, DenseViT, PackedTextTransformer, PackedViT
-from fastclip_kernels.optim import FusedAdamW
 from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
+from fastclip_kernels.optim import FusedAdamW
 from training.monitor import peak_flops, step_flops
 
 ON_GPU = torch.cuda.is_available()

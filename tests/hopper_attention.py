@@ -4,7 +4,7 @@
 ``compile_for_hopper.compile_one``: fp16, bf16 and fp32 (tf32 dots, as with
 torch.backends.cuda.matmul.allow_tf32), head dims 32/64/128 (and 80, padded to BLOCK_D = 128),
 causal on and off, for the forward, the backward preprocess, dK/dV and dQ kernels. The tiles come
-from ``triton_varlen.config``, i.e. what the launchers use.
+from ``varlen_attention.triton.config``, i.e. what the launchers use.
 
 Run alone (no GPU needed): ``env -u TRITON_INTERPRET python tests/hopper_attention.py``.
 """
@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from fastclip_kernels.ops.varlen_attention import triton_varlen, triton_varlen_bwd
+from fastclip_kernels.ops.varlen_attention import triton as triton_varlen
+from fastclip_kernels.ops.varlen_attention import triton_bwd as triton_varlen_bwd
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_DIMS = [32, 64, 80, 128]  # 80: a padded head dim (BLOCK_D = 128, masked)

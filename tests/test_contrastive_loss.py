@@ -1,4 +1,4 @@
-"""contrastive_loss / FastContrastiveLoss against open_clip's formula (fastclip_kernels.reference)."""
+"""contrastive_loss / FastContrastiveLoss against open_clip's formula (ops/contrastive_loss/naive.py)."""
 
 import os
 
@@ -124,7 +124,9 @@ def test_local_rows_against_gathered_columns(backend):
     ours = contrastive_loss(
         x, y, scale, all_image_features=all_x, all_text_features=all_y, label_offset=offset, backend=backend
     )
-    ref = contrastive_loss_local_ref(x.double(), y.double(), all_x.double(), all_y.double(), scale.double(), offset)
+    ref = contrastive_loss_local_ref(
+        x.double(), y.double(), all_x.double(), all_y.double(), scale.double(), offset
+    )
     assert_rel_close("local loss", ours, ref, 1e-10 if dtype == torch.float64 else 1e-5)
 
 
@@ -136,7 +138,11 @@ def test_module_matches_functional_and_output_dict():
     assert set(out) == {"contrastive_loss"}
     assert torch.equal(out["contrastive_loss"], contrastive_loss(x, y, scale))
     assert_rel_close(
-        "module loss", loss_fn(x, y, scale), contrastive_loss_ref(x.double(), y.double(), 50.0), 1e-6, 1e-6 * 50
+        "module loss",
+        loss_fn(x, y, scale),
+        contrastive_loss_ref(x.double(), y.double(), 50.0),
+        1e-6,
+        1e-6 * 50,
     )
 
 

@@ -1,4 +1,4 @@
-"""FastCLIPLoss in one process against the dense fp64 references (reference_fastclip.py).
+"""FastCLIPLoss in one process against the dense fp64 references (fastclip/naive.py).
 
 Model gradients must equal autograd of the dense surrogate/objective to rel. error 1e-10 in fp64;
 u and tau state must follow the update formulas for every index seen.
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from helpers import assert_rel_close, grads, leaf
 
 from fastclip_kernels.fastclip import FastCLIPLoss
-from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
 from fastclip_kernels.fastclip.naive import fcco_surrogate_ref, gcl_g_ref, gcl_objective_ref
+from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
 from fastclip_kernels.ops.state_update.naive import u_update_ref
 
 RTOL = 1e-10

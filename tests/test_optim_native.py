@@ -1,4 +1,4 @@
-"""fastclip_kernels.optim.native (the multi-tensor kernels of ``_C``) against optim/reference.py.
+"""fastclip_kernels.ops.optim.native (the multi-tensor kernels of ``_C``) against ops/optim/naive.py.
 
 The CPU kernels share the metadata table, the chunk loop and the per-element math (csrc/optim_math.h)
 with the CUDA kernels, so these tests check that logic without a GPU: 20 steps of AdamW and LAMB over

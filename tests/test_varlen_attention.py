@@ -11,7 +11,11 @@ import torch
 from conftest import triton_device
 from helpers import assert_close_to_ref
 
-from fastclip_kernels.ops.varlen_attention import varlen_attention, varlen_attention_qkvpacked, varlen_attention_ref
+from fastclip_kernels.ops.varlen_attention import (
+    varlen_attention,
+    varlen_attention_qkvpacked,
+    varlen_attention_ref,
+)
 
 LENGTHS = [1, 2, 17, 49, 64, 97, 129, 197, 257]  # crosses every 16/32/64 tile boundary
 SHORT = [1, 17, 64, 97]

@@ -11,7 +11,7 @@ mlp = c_proj(gelu(c_fc(.))), attention = out_proj(varlen_attention(in_proj(.))).
 are open_clip's (``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre``,
 ``transformer.resblocks.i.{ln_1, attn.in_proj_weight, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``,
 ``ln_post``, ``proj``; text: ``token_embedding``, ``ln_final``, ``text_projection``), so a
-``state_dict`` of :mod:`.dense_reference` (or of open_clip's towers) loads as is.
+``state_dict`` of :mod:`.naive` (or of open_clip's towers) loads as is.
 
 Pooling: the ViT takes each sequence's class token (its first row); the text tower takes the last
 token of each sequence (CLIP's EOT token), both from cu_seqlens on the device.

@@ -15,39 +15,13 @@ so a step needs no host value and can be captured in a CUDA graph when lr is a t
 ``master_weights=True`` for fp16/bf16 params, an fp32 ``master`` copy that receives the update.
 """
 
-import os
-
 import torch
 
-from ..ops.optim import naive as reference
+from ..ops import optim as kernels
 
-IMPLS = ("auto", "native", "triton", "reference")
+IMPLS = kernels.BACKENDS
 TRUST_RATIO = ("weight_decay_only", "all", "none")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _impl_module(name: str, device: torch.device):
-    if name == "auto":
-        if device.type != "cuda":
-            return reference
-        from ..ops.optim import native
-
-        if native.available(device):
-            return native
-        name = "triton"
-    if name == "reference":
-        return reference
-    if name == "native":
-        from ..ops.optim import native
-
-        if not native.available(device):
-            raise RuntimeError(f"impl='native' needs fastclip_kernels._C with kernels for {device}")
-        return native
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (or use impl='reference')")
-    from ..ops.optim import triton as triton_impl
-
-    return triton_impl
 
 
 class _MultiTensorOptimizer(torch.optim.Optimizer):
@@ -122,14 +96,9 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
         scales = {}
         for device, grads in by_device.items():
             fp64 = any(g.dtype == torch.float64 for g in grads)
-            impl = reference if fp64 else _impl_module(self.impl, device)
-            if hasattr(impl, "grad_norm_and_clip_coefficient"):  # native: one reduction for both
-                self.last_grad_norm, scales[device] = impl.grad_norm_and_clip_coefficient(
-                    grads, self.max_grad_norm
-                )
-            else:
-                self.last_grad_norm = impl.global_grad_norm(grads)
-                scales[device] = reference.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
+            impl = "reference" if fp64 else self.impl
+            self.last_grad_norm = kernels.global_grad_norm(grads, impl)
+            scales[device] = kernels.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
         return scales
 
     @torch.no_grad()
@@ -144,7 +113,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
             buckets: dict = {}
             for p in live:
                 buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, dtype), bucket in buckets.items():
+            for (device, _), bucket in buckets.items():
                 states = [self._state_for(p) for p in bucket]
                 steps = [s["step"] for s in states]
                 torch._foreach_add_(steps, 1.0)
@@ -154,8 +123,7 @@ class _MultiTensorOptimizer(torch.optim.Optimizer):
                     [s["exp_avg_sq"] for s in states], masters, steps,
                 )  # fmt: skip
                 # fp64 (tests, CPU) always takes the reference path: the kernels are fp32-math.
-                impl = reference if dtype == torch.float64 else _impl_module(self.impl, device)
-                self._update(impl, group, tensors, scales.get(device))
+                self._update(group, tensors, scales.get(device))
         return loss
 
 
@@ -171,11 +139,11 @@ class FusedAdamW(_MultiTensorOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **kwargs):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), **kwargs)
 
-    def _update(self, impl, group, tensors, grad_scale):
+    def _update(self, group, tensors, grad_scale):
         beta1, beta2 = group["betas"]
-        impl.adamw_(
+        kernels.adamw_(
             *tensors, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], grad_scale=grad_scale,
+            weight_decay=group["weight_decay"], grad_scale=grad_scale, backend=self.impl,
         )  # fmt: skip
 
 
@@ -203,13 +171,14 @@ class FusedLAMB(_MultiTensorOptimizer):
         super().__init__(params, defaults, **kwargs)
         self.trust_ratio = trust_ratio
 
-    def _update(self, impl, group, tensors, grad_scale):
+    def _update(self, group, tensors, grad_scale):
         beta1, beta2 = group["betas"]
         use = self.trust_ratio == "all" or (
             self.trust_ratio == "weight_decay_only" and group["weight_decay"] != 0
         )
-        impl.lamb_(
+        kernels.lamb_(
             *tensors, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
             grad_averaging=group["grad_averaging"], use_trust_ratio=use, grad_scale=grad_scale,
+            backend=self.impl,
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Chunked PyTorch implementation of the per-anchor ops (same math and API as ``tiled.py``).
+"""Chunked PyTorch implementation of the per-anchor ops (same math and API as ``triton.py``).
 
 Rows of A are processed a chunk at a time against all of C, so the largest temporary is
 [chunk, N]. Used for CPU tensors and fp64; it is also the specification of the Triton kernels.

@@ -1,4 +1,4 @@
-"""Triton device functions shared by the pairwise kernels in ``tiled.py``: the similarity tile,
+"""Triton device functions shared by the pairwise kernels (``pairwise.py``, the losses, the anchor ops): the similarity tile,
 numerically safe softplus / sigmoid, the positive-pair mask and the per-tile dL/dz (W)."""
 
 import triton

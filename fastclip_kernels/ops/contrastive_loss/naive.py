@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of the contrastive loss: open_clip's ``ClipLoss`` (materialized [M, N] logits).
 
-They are the ground truth for tests (run them in fp64) and the "materialized" provider in the
-benchmarks. Names and argument conventions follow open_clip's ``ClipLoss`` / ``SigLipLoss``.
+The ground truth for tests (run it in fp64) and the "materialized" provider in the benchmarks;
+argument conventions follow open_clip's ``ClipLoss``.
 """
 
 import torch

@@ -289,7 +289,8 @@ def patch_embed(
     idx, batch, cu_tokens, max_seqlen = patch_layout(
         keep_idx, images.shape[0], grid[0] * grid[1], dev, cu_seqlens, max_keep
     )
-    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight2d.dtype
+    autocast = dev.type != "meta" and torch.is_autocast_enabled(dev.type)  # meta has no autocast
+    dtype = torch.get_autocast_dtype(dev.type) if autocast else weight2d.dtype
     backend = resolve_backend(backend, dtype, dev)
     weight2d = weight2d.to(dtype)
     bias = bias.to(dtype) if bias is not None else None

@@ -5,7 +5,7 @@ B sequences of different lengths are packed along the token axis (no padding); `
 head: O = softmax(s * Q K^T) V, s = softmax_scale (default d ** -0.5).
 
 Backends (``backend=``):
-    * ``"triton"``     -- ours (``triton_varlen``): FA2-style forward and deterministic backward;
+    * ``"triton"``     -- ours (``triton.py``, ``triton_bwd.py``): FA2-style forward and deterministic backward;
       CUDA, or CPU under TRITON_INTERPRET=1. fp16/bf16/fp32, head dim a multiple of 8 in [16, 128].
     * ``"flash_attn"`` -- flash_attn.flash_attn_varlen_{qkvpacked_,}func (CUDA, fp16/bf16).
     * ``"xformers"``   -- memory_efficient_attention with a BlockDiagonalMask (reads cu_seqlens

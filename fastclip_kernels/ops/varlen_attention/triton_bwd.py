@@ -1,4 +1,4 @@
-"""Varlen attention backward in Triton (math in ``triton_varlen``): three kernels, no atomics.
+"""Varlen attention backward in Triton (math in ``triton.py``): three kernels, no atomics.
 
     1. ``_varlen_attention_bwd_preprocess_kernel``: delta_i = sum_c dO_ic O_ic  (fp32, [H, T_q]).
     2. ``_varlen_attention_bwd_dkdv_kernel``: one program owns BLOCK_N keys and loops over the query

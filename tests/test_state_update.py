@@ -1,0 +1,98 @@
+"""The FastCLIP state update op (``fastclip_kernels.ops.state_update``): the fused Triton kernel
+against the PyTorch spec (``naive.state_update_ref``), the textbook u update, and that only the
+owned state entries (and no out-of-range index) are ever written."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import triton_device
+from helpers import assert_rel_close
+
+from fastclip_kernels.fastclip import FastCLIPState
+from fastclip_kernels.ops.state_update import UpdateConfig, state_update
+from fastclip_kernels.ops.state_update.naive import log_u_update, u_update_ref
+
+
+def _random_state(per_sample, rank=1, world_size=3, data_size=50, device="cpu"):
+    st = FastCLIPState(data_size, rank=rank, world_size=world_size, per_sample_tau=per_sample, device=device)
+    st.log_u.normal_()
+    st.log_u[0, 3], st.log_u[1, 5], st.log_u[0, 7] = math.nan, -math.inf, -100.0  # all reset by gamma < 1
+    if per_sample:
+        st.tau.uniform_(0.02, 0.5)
+        st.exp_avg.normal_()
+        st.exp_avg_sq.uniform_(0, 1)
+    return st
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("gamma", [1.0, 0.4])
+@pytest.mark.parametrize("reference", [False, True])
+def test_fused_update_matches_torch(per_sample, gamma, reference):
+    device = triton_device()
+    st = _random_state(per_sample, device=device)
+    st_fused = copy.deepcopy(st)
+    n = 21
+    idx = torch.randperm(50)[:n].to(device)
+    lam = torch.randn(2, n, device=device) * 3 + 2
+    delta = -torch.rand(2, n, device=device)
+    pos = torch.randn(n, device=device)
+    log_u_old = torch.randn(2, n, device=device)
+    log_u_old[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    tau = (
+        torch.rand(2, n, device=device) * 0.3 + 0.02
+        if per_sample
+        else torch.tensor(0.07, device=device).expand(2, n)
+    )
+    cfg = UpdateConfig(
+        gamma=gamma, eps=1e-6, rho=2.0, reference=reference, lr_tau=0.01, beta1=0.9, beta2=0.99, step=3
+    )
+    before = st.log_u.clone()
+    want = state_update(st, idx, lam, delta, pos, log_u_old, tau, cfg, backend="reference")
+    got = state_update(st_fused, idx, lam, delta, pos, log_u_old, tau, cfg, backend="triton")
+    for name, g, w in zip(("shift", "ratio", "log_ut", "log_u_new"), got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert_rel_close(name, g, w, 1e-5)
+    for name in ("log_u", "tau", "exp_avg", "exp_avg_sq") if per_sample else ("log_u",):
+        a, b = getattr(st_fused, name), getattr(st, name)
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert_rel_close(name, a.nan_to_num(), b.nan_to_num(), 1e-5)
+    owned, slot = st.owned_slots(idx)
+    same = (st_fused.log_u == before) | (st_fused.log_u.isnan() & before.isnan())  # NaN != NaN
+    changed = (~same).any(0)
+    assert changed[slot[owned]].all() and changed.sum() == owned.sum(), "must write exactly the owned entries"
+
+
+def test_update_writes_only_owned_entries():
+    st = FastCLIPState(30, rank=2, world_size=4)
+    idx = torch.tensor([2, 6, 7, 10, 13, 29])  # owned by rank 2: 2, 6, 10
+    lam = torch.zeros(2, 6)
+    state_update(st, idx, lam, lam, lam[0], lam, torch.ones(2, 6), UpdateConfig(gamma=1.0, eps=0.0))
+    written = torch.isfinite(st.log_u[0]).nonzero().flatten().tolist()
+    assert written == [0, 1, 2]  # slots idx // 4 of 2, 6, 10
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_out_of_range_indices_are_never_written(backend):
+    """With checks off (as for CUDA indices), bad indices must not write anywhere."""
+    dev = triton_device() if backend == "triton" else "cpu"
+    st = FastCLIPState(10, rank=0, world_size=1, device=dev)
+    idx = torch.tensor([3, 13, -2, 25], device=dev)  # 13 would alias (text, 3); 25 is past the buffer
+    lam = torch.zeros(2, 4, device=dev)
+    tau = torch.ones(2, 4, device=dev)
+    cfg = UpdateConfig(gamma=1.0, eps=0.0)
+    state_update(st, idx, lam, lam, lam[0], lam, tau, cfg, backend=backend)
+    assert torch.isfinite(st.log_u).nonzero().tolist() == [[0, 3], [1, 3]]
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.3])
+def test_log_domain_update_is_the_textbook_u_update(gamma):
+    """exp(log_u_update) == u_update_ref (fast_clip's rule, reset of tiny / inf / NaN u) in fp64."""
+    g = torch.rand(2, 9, dtype=torch.float64) + 0.1
+    u_old = torch.rand(2, 9, dtype=torch.float64) + 0.1
+    u_old[0, :3] = torch.tensor([math.nan, math.inf, 1e-40], dtype=torch.float64)
+    n = 9
+    lam = torch.log(g * (n - 1))
+    _, log_u_new = log_u_update(lam, torch.log(u_old), gamma, n)
+    assert_rel_close("u", log_u_new.exp(), u_update_ref(u_old, g, gamma), 1e-12)
