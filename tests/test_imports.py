@@ -103,7 +103,8 @@ def test_layers_flow_one_way():
 
 def test_every_op_has_the_layout():
     ops = ROOT / PACKAGE / "ops"
-    for folder in sorted(p for p in ops.iterdir() if p.is_dir() and p.name not in ("common", "__pycache__")):
+    packages = (p for p in ops.iterdir() if (p / "__init__.py").exists() and p.name != "common")
+    for folder in sorted(packages):
         files = {p.name for p in folder.glob("*.py")}
         assert {"__init__.py", "triton.py"} <= files, f"{folder.name}: {sorted(files)}"
         assert "naive.py" in files, f"{folder.name} has no naive.py (the <op>_ref spec)"

@@ -3,16 +3,21 @@ reference attention (rel. error <= 1e-10, output and the gradient of every param
 keep counts per image and caption lengths; the Triton path within the tolerance rule; position
 embedding resizing; state_dict compatibility; bad input; no host reads."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import triton_device
 from helpers import assert_close_to_ref, assert_rel_close
-from test_no_host_sync import HostReads
+from host_reads import HostReads
 
 import fastclip_kernels._validation as validation
-import fastclip_kernels.ops.varlen_attention as attention
 from fastclip_kernels.models import DenseTextTransformer, DenseViT, PackedTextTransformer, PackedViT
 from fastclip_kernels.ops.patch_embed import pos_embed_2d_sincos
+
+attention = importlib.import_module(
+    "fastclip_kernels.ops.varlen_attention"
+)  # ops exports a same-named function
 
 VIT = dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, output_dim=16)
 TEXT = dict(vocab_size=50, context_length=12, width=32, layers=2, heads=2, output_dim=16)
