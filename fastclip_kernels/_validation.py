@@ -1,7 +1,7 @@
 """Argument checks shared by the public losses: each error names the argument and what was expected.
 
-Checks never synchronize with a GPU: the finiteness of a CUDA ``logit_scale`` is only checked when
-``FASTCLIP_CHECK_FINITE=1`` (a host sync per call); CPU tensors and Python numbers are always checked.
+Checks never synchronize with a GPU: the value of a CUDA ``logit_scale`` (finite, > 0) is only checked
+when ``FASTCLIP_CHECK_FINITE=1`` (a host sync per call); CPU tensors and Python numbers are always checked.
 """
 
 import math
@@ -46,24 +46,42 @@ def check_same_batch(name: str, x: torch.Tensor, other_name: str, other: torch.T
         )
 
 
-def as_scalar_tensor(name: str, value, device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    """A Python number (made a ``dtype`` tensor) or 1-element floating tensor on ``device``, finite."""
+def as_scalar_tensor(
+    name: str, value, device: torch.device, dtype=torch.float32, *, positive: bool = False
+) -> torch.Tensor:
+    """A Python number (made a ``dtype`` tensor) or 1-element floating tensor on ``device``, finite
+    (and > 0 with ``positive``, as a logit scale s = 1/tau must be).
+
+    A 0-d CPU tensor with features on another device is copied there (differentiably), as torch
+    broadcasts a CPU scalar tensor against CUDA tensors in open_clip's ``logit_scale * x @ y.T``.
+    Values are read only where :func:`host_checks` allows (CPU tensors, Python numbers; another
+    device with ``FASTCLIP_CHECK_FINITE=1``).
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+        _check_value(name, float(value), positive)
         return torch.full((), float(value), device=device, dtype=dtype)  # a fill, not a blocking copy
     if value.numel() != 1:
         raise ValueError(f"{name} must have one element, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device}, expected {device} (as the features)")
+    moved = value.device != device and value.device.type == "cpu" and value.dim() == 0
+    if value.device != device and not moved:
+        raise ValueError(
+            f"{name} is on {value.device}, expected {device} (as the features; a 0-d CPU tensor is "
+            "also accepted)"
+        )
     if host_checks(value, "FASTCLIP_CHECK_FINITE"):
-        if not torch.isfinite(value.detach()).all():
-            raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
-    return value
+        _check_value(name, value.detach().reshape(()).item(), positive)
+    return value.to(device, non_blocking=True) if moved else value
+
+
+def _check_value(name: str, v: float, positive: bool) -> None:
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0 (the exponentiated scale s = 1/tau), got {v}")
 
 
 def scalar_dtype(features_dtype: torch.dtype) -> torch.dtype:

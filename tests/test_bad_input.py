@@ -46,6 +46,9 @@ BAD_CALLS = [
     ("vector scale", dict(logit_scale=torch.ones(2)), ValueError, "logit_scale must have one element"),
     ("str scale", dict(logit_scale="10"), TypeError, "logit_scale must be a float"),
     ("nan bias", dict(logit_bias=torch.tensor(float("inf"))), ValueError, "logit_bias must be finite"),
+    ("negative scale", dict(logit_scale=torch.tensor(-5.0)), ValueError, "logit_scale must be > 0"),
+    ("zero scale float", dict(logit_scale=0.0), ValueError, "logit_scale must be > 0"),
+    ("negative scale int", dict(logit_scale=-5), ValueError, "logit_scale must be > 0"),
 ]
 
 
@@ -68,8 +71,8 @@ def test_bad_input_names_the_argument(fn, case, overrides, err, match):
 def test_device_mismatch():
     with pytest.raises(ValueError, match="text_features is on"):
         contrastive_loss(X.cuda(), Y, S.cuda())
-    with pytest.raises(ValueError, match="logit_scale is on"):
-        contrastive_loss(X.cuda(), Y.cuda(), S)
+    with pytest.raises(ValueError, match="logit_scale is on"):  # a 0-d CPU tensor is accepted
+        contrastive_loss(X.cuda(), Y.cuda(), S.reshape(1))
 
 
 def test_device_mismatch_on_meta_device():
@@ -110,8 +113,32 @@ def test_module_constructor_arguments():
         FastSigLipLoss(use_horovod=True)
     with pytest.raises(ValueError, match="rank must be"):
         FastContrastiveLoss(rank=1, world_size=1)
-    with pytest.raises(NotImplementedError, match="world_size > 1"):
-        FastSigLipLoss(rank=0, world_size=2)
     x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="process group has 1 rank"):  # torch.distributed not initialized
-        FastContrastiveLoss(rank=0, world_size=2)(x, x, 10.0)
+    for loss_fn in (FastContrastiveLoss(rank=0, world_size=2), FastSigLipLoss(rank=0, world_size=2)):
+        with pytest.raises(ValueError, match="needs an initialized torch.distributed"):
+            loss_fn(x, x, 10.0, -10.0)
+    with pytest.raises(ValueError, match="dist_impl must be None or one of"):
+        FastSigLipLoss(dist_impl="ring")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be an int >= 0"):
+            FastSigLipLoss(chunk_size=bad)
+
+
+def test_cpu_scalar_logit_scale_with_features_on_another_device():
+    """open_clip's ``logit_scale * x @ y.T`` takes a 0-d CPU tensor with CUDA features; so do we
+    (meta features stand in for CUDA). Its value is still checked on the host."""
+    xm, ym = X.to("meta"), Y.to("meta")
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0)
+    losses = [
+        contrastive_loss(xm, ym, scale, bias),
+        sigmoid_loss(xm, ym, scale, bias),
+        FastContrastiveLoss()(xm, ym, scale, bias),
+        FastSigLipLoss()(xm, ym, scale, bias),
+    ]
+    for loss in losses:
+        assert loss.device.type == "meta" and loss.shape == () and loss.requires_grad
+    for fn in (contrastive_loss, sigmoid_loss):
+        with pytest.raises(ValueError, match="logit_scale must be > 0"):
+            fn(xm, ym, torch.tensor(-5.0), bias)
+        with pytest.raises(ValueError, match="logit_scale is on cpu"):  # only 0-d, as in torch
+            fn(xm, ym, torch.tensor([10.0]), bias)

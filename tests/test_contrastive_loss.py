@@ -41,9 +41,11 @@ def check_against_reference(x, y, scale, bias, backend, floor):
         contrastive_loss_ref, x.double(), y.double(), scale.double(), None if bias is None else bias.double()
     )
     assert_close_to_ref("loss", ours[0], truth[0], torch_same[0], floor=floor)
+    n = 3 if bias is None else 4  # d_logit_bias: exactly 0 (the bias cancels in each softmax)
     for name, g, g64, gt in zip(
-        ["d_image", "d_text", "d_logit_scale"], ours[1][:3], truth[1][:3], torch_same[1][:3], strict=True
-    ):
+        ["d_image", "d_text", "d_logit_scale", "d_logit_bias"][:n], ours[1][:n], truth[1][:n],
+        torch_same[1][:n], strict=True,
+    ):  # fmt: skip
         assert_close_to_ref(name, g, g64, gt, floor=floor)
 
 
@@ -106,6 +108,7 @@ def test_adversarial_scale_100_and_unnormalized_stay_finite(backend):
         assert torch.isfinite(t).all(), f"{name} is not finite"
     assert_rel_close("loss", loss, ref, 1e-5)
     assert_rel_close("d_image", gx, rx, 1e-4)
+    assert_rel_close("d_text", gy, ry, 1e-4)
     assert_rel_close("d_logit_scale", gs, rs, 1e-4)
 
 

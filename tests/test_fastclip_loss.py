@@ -177,6 +177,8 @@ def _call(fn, b=4, **kw):
         (dict(indices=None), ValueError, "needs indices"),
         (dict(logit_scale=None), ValueError, "needs logit_scale"),
         (dict(logit_scale=torch.tensor(math.inf)), ValueError, "logit_scale must be finite"),
+        (dict(logit_scale=torch.tensor(-5.0, dtype=torch.float64)), ValueError, "logit_scale must be > 0"),
+        (dict(logit_scale=0.0), ValueError, "logit_scale must be > 0"),
     ],
 )
 def test_bad_input_names_the_argument_and_leaves_state_alone(kwargs, error, match):

@@ -24,7 +24,7 @@ ce_chunked = importlib.import_module("fastclip_kernels.ops.contrastive_loss.chun
 def device_checks(monkeypatch):
     """Value checks of CPU inputs off, as for CUDA tensors (they read the host by design)."""
     monkeypatch.setattr(validation, "host_checks", lambda t, env: False)
-    monkeypatch.setattr(loss_module, "as_scalar_tensor", lambda name, value, device, dtype: value)
+    monkeypatch.setattr(loss_module, "as_scalar_tensor", lambda name, value, device, dtype, **kw: value)
 
 
 @pytest.mark.parametrize("mode", ["clip", "gcl", "rgcl", "rgcl_g"])

@@ -2,6 +2,8 @@
 against the fp64 reference (tolerance rule, output and every gradient), the reference against
 nn.Conv2d, the position tables, bad input, and no host reads."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,45 @@ def test_interpolate_identity_and_shapes():
     assert torch.allclose(const, torch.ones_like(const), atol=1e-12)  # bicubic keeps constants
     back = interpolate_pos_embed(interpolate_pos_embed(pos, (8, 8)), (4, 4), old_grid=(8, 8))
     assert back.shape == pos.shape
+
+
+def _cubic(x: float, a: float) -> float:
+    """Keys' cubic convolution kernel (a = -0.75: torch's bicubic; a = -0.5: PIL's, antialiased)."""
+    x = abs(x)
+    if x <= 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+
+def _resize_matrix(n_in: int, n_out: int, antialias: bool) -> torch.Tensor:
+    """[n_out, n_in] 1-D bicubic weights, align_corners=False, written from the formulas: clamped
+    4-tap a = -0.75, or (antialias) PIL's normalized a = -0.5 filter widened by the shrink factor."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    scale = n_in / n_out
+    for i in range(n_out):
+        if not antialias:
+            src = (i + 0.5) * scale - 0.5
+            for k in range(math.floor(src) - 1, math.floor(src) + 3):
+                m[i, min(max(k, 0), n_in - 1)] += _cubic(src - k, -0.75)
+            continue
+        center, support = (i + 0.5) * scale, 2.0 * max(scale, 1.0)
+        taps = range(max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in))
+        w = [_cubic((j - center + 0.5) / max(scale, 1.0), -0.5) for j in taps]
+        m[i, list(taps)] = torch.tensor(w, dtype=torch.float64) / sum(w)
+    return m
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("old,new", [((2, 3), (5, 4)), ((3, 5), (2, 7)), ((4, 6), (3, 2))])
+def test_interpolate_non_square_values_match_separable_bicubic(old, new, antialias):
+    """Values on non-square grids: row-major (y, x) cells resized by H @ grid @ W^T, class row kept."""
+    pos = torch.randn(1 + old[0] * old[1], 3, dtype=torch.float64)
+    grid = pos[1:].reshape(*old, 3)
+    h, w = _resize_matrix(old[0], new[0], antialias), _resize_matrix(old[1], new[1], antialias)
+    want = torch.einsum("ah,hwc,bw->abc", h, grid, w).reshape(-1, 3)
+    got = interpolate_pos_embed(pos, new, old_grid=old, antialias=antialias)
+    assert torch.equal(got[0], pos[0])
+    assert_rel_close(f"{old} -> {new}", got[1:], want, 1e-13)
 
 
 def test_interpolate_bad_input():

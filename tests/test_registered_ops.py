@@ -56,6 +56,8 @@ def test_opcheck_sigmoid_loss(backend):
         1,
         backend,
     )
+    rows = (torch.tensor(1.0), a.detach(), c.detach(), s.detach(), b.detach(), 1, backend)
+    _check(ops.sigmoid_loss_rows_bwd.default, *rows)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,8 @@
 """sigmoid_loss / FastSigLipLoss against open_clip's SigLipLoss formula."""
 
+import decimal
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +10,9 @@ from conftest import triton_device
 from helpers import assert_close_to_ref, assert_rel_close, grads, leaf
 from test_contrastive_loss import CHUNKED_SHAPES, LOW_PRECISION, TRITON_SHAPES, features
 
-from fastclip_kernels import FastSigLipLoss, sigmoid_loss
+from fastclip_kernels import FastContrastiveLoss, FastSigLipLoss, sigmoid_loss
 from fastclip_kernels.ops.common import chunked
+from fastclip_kernels.ops.sigmoid_loss import sigmoid_loss_rows_grad
 from fastclip_kernels.ops.sigmoid_loss.naive import sigmoid_loss_ref
 
 
@@ -97,12 +101,22 @@ def test_large_logits_stay_finite(backend):
     assert_rel_close("loss", loss, ref, 1e-5)
 
 
+def _softplus_decimal(z: float) -> float:
+    """log(1 + e^z) in 400-digit decimals (1 + e^-700 must not round to 1): an independent fp64 reference."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 400
+        return float((decimal.Decimal(z).exp() + 1).ln())
+
+
 def test_softplus_is_exact_where_torch_softplus_is_not():
-    """The math wins: softplus(25) = 25 + log1p(exp(-25)); torch's threshold=20 returns 25."""
-    z = torch.tensor([25.0, 40.0, -30.0, 0.5], dtype=torch.float64)
-    exact = torch.log1p(torch.exp(-z.abs())) + z.clamp(min=0)
-    assert torch.equal(chunked.softplus(z), exact)
-    assert (F.softplus(z) - exact).abs().max() > 1e-12  # the source we do not follow here
+    """Against exact decimals, to 1 ulp: softplus(25) = 25 + 1.4e-11 (torch's threshold=20 returns
+    25), softplus(-30) = 9.4e-14 (log(1 + e^z) in fp64 loses 3 digits there), and moderate values."""
+    values = [25.0, 40.0, -30.0, -700.0, 0.5, -3.0, 0.0, 700.0]
+    z = torch.tensor(values, dtype=torch.float64)
+    want = torch.tensor([_softplus_decimal(v) for v in values], dtype=torch.float64)
+    ulp = torch.finfo(torch.float64).eps
+    assert ((chunked.softplus(z) - want).abs() <= ulp * want.abs()).all(), (chunked.softplus(z) - want) / want
+    assert (F.softplus(z) - want).abs().max() > 1e-12  # the source we do not follow here
 
 
 def test_module_output_dict_and_missing_bias():
@@ -112,3 +126,51 @@ def test_module_output_dict_and_missing_bias():
     assert torch.equal(out["contrastive_loss"], sigmoid_loss(x, y, 10.0, -10.0))
     with pytest.raises(ValueError, match="logit_bias"):
         loss_fn(x, y, torch.tensor(10.0))
+
+
+# open_clip's current constructor arguments, in order, with their defaults (src/open_clip/loss.py at
+# mlfoundations/open_clip 89fb801, 2026-06-27): a positional call written for open_clip must bind the same.
+OPEN_CLIP_SIGLIP_ARGS = dict(cache_labels=False, rank=0, world_size=1, dist_impl=None, chunk_size=0)
+OPEN_CLIP_CLIP_ARGS = dict(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1)
+OPEN_CLIP_FORWARD = ["image_features", "text_features", "logit_scale", "logit_bias", "output_dict"]
+
+
+@pytest.mark.parametrize(
+    "cls, args", [(FastSigLipLoss, OPEN_CLIP_SIGLIP_ARGS), (FastContrastiveLoss, OPEN_CLIP_CLIP_ARGS)]
+)
+def test_constructor_and_forward_take_open_clips_current_arguments(cls, args):
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    positional = [p for p in params if p.kind == p.POSITIONAL_OR_KEYWORD][: len(args)]
+    assert [(p.name, p.default) for p in positional] == list(args.items())
+    assert list(inspect.signature(cls.forward).parameters)[1:] == OPEN_CLIP_FORWARD
+
+
+def test_every_dist_impl_and_chunk_size_gives_the_same_bits():
+    x, y = features(6, 16, torch.float32)
+    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    want = FastSigLipLoss()(x, y, s, b)
+    for impl in (None, "bidir", "shift", "reduce", "gather"):
+        for chunk_size in (0, 1, 4, 1000):
+            loss_fn = FastSigLipLoss(True, 0, 1, impl, chunk_size)  # open_clip's positional order
+            assert loss_fn.dist_impl == (impl or "bidir") and loss_fn.chunk_size == chunk_size
+            assert torch.equal(loss_fn(x, y, s, b), want)
+    assert FastSigLipLoss(bidir=False).dist_impl == "shift"  # open_clip 2023's flag
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_row_gradient_op_matches_autograd_of_the_sum(backend):
+    """sigmoid_loss_rows_grad (the distributed backward's op): dA, ds, dbeta of g * sum, no dC."""
+    device = "cpu" if backend == "chunked" else triton_device()
+    dtype = torch.float64 if backend == "chunked" else torch.float32
+    all_x, all_y = features(37, 40, torch.float64)
+    a, offset = all_x[9:29], 9  # 20 rows, 37 columns: crosses the 16-row / 16-column tiles
+    s, beta, g = (torch.tensor(v, dtype=torch.float64) for v in (7.0, -4.0, 0.3))
+    inputs = [leaf(a), leaf(s), leaf(beta)]
+    ref = g * sigmoid_loss_ref(inputs[0], all_y, inputs[1], inputs[2], offset) * a.shape[0]
+    want = grads(ref, inputs)
+    cast = [t.to(device, dtype) for t in (g, a, all_y, s, beta)]
+    got = sigmoid_loss_rows_grad(*cast, label_offset=offset, backend=backend)
+    assert got[0].dtype == dtype and got[0].shape == a.shape
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, gv, wv in zip(["d_rows", "d_logit_scale", "d_logit_bias"], got, want, strict=True):
+        assert_rel_close(name, gv, wv, rtol)

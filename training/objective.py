@@ -41,7 +41,7 @@ class Objective:
             kw = {} if world_size == 1 else dict(rank=rank, world_size=world_size, low_comm=True)
             self.fn = FastContrastiveLoss(**kw)
         elif self.mode == "siglip":
-            self.fn = FastSigLipLoss()
+            self.fn = FastSigLipLoss(rank=rank, world_size=world_size)  # K > 1: one no-grad gather
         else:
             self.fn = FastCLIPLoss(
                 data_size, self.mode, rank=rank, world_size=world_size, gamma_min=cfg.loss_gamma_min,

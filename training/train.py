@@ -61,8 +61,6 @@ class Run:
         K = ranks.world_size
         if cfg.train_batch_size % K:
             raise ConfigError(f"train_batch_size={cfg.train_batch_size} must be divisible by the {K} ranks")
-        if cfg.loss_mode == "siglip" and K > 1:
-            raise ConfigError("loss_mode=siglip runs on one process only (no distributed SigLIP loss yet)")
         self.cfg, self.ranks, self.device = cfg, ranks, ranks.device
         self.local_batch, self.run_dir = cfg.train_batch_size // K, cfg.output_path
         torch.manual_seed(stream_seed(cfg.run_seed, "model_init"))

@@ -235,7 +235,7 @@ class FastCLIPLoss(nn.Module):
         else:
             if logit_scale is None:
                 raise ValueError(f"mode={self.mode!r} needs logit_scale (s = 1/tau)")
-            scale = as_scalar_tensor("logit_scale", logit_scale, x.device, acc)
+            scale = as_scalar_tensor("logit_scale", logit_scale, x.device, acc, positive=True)
         if self.world_size * x.shape[0] < 2:
             raise ValueError("the global batch must have at least 2 pairs")
         if self.state is None:

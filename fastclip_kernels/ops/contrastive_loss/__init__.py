@@ -173,7 +173,7 @@ def contrastive_loss(
     dim, device, dtype = image_features.shape[1], image_features.device, image_features.dtype
     check_features("text_features", text_features, dim, device, dtype)
     check_same_batch("text_features", text_features, "image_features", image_features)
-    scale = as_scalar_tensor("logit_scale", logit_scale, device, scalar_dtype(dtype))
+    scale = as_scalar_tensor("logit_scale", logit_scale, device, scalar_dtype(dtype), positive=True)
     bias = (
         None
         if logit_bias is None

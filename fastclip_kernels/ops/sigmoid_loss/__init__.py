@@ -13,6 +13,8 @@ contract), ``naive.py`` (``sigmoid_loss_ref``). Registered ops (fake implementat
     fastclip::sigmoid_loss_fwd(a, c, scale, bias?, label_offset, backend) -> total []
     fastclip::sigmoid_loss_bwd(g, a, c, scale, bias?, label_offset, backend)
         -> (grad_a, grad_c, dscale [], dbias [])
+    fastclip::sigmoid_loss_rows_bwd(g, a, c, scale, bias?, label_offset, backend)
+        -> (grad_a, dscale [], dbias [])   (no grad_c: the distributed loss's backward)
 """
 
 import torch
@@ -66,6 +68,24 @@ def _(g, a, c, scale, bias, label_offset, backend):
     return torch.empty_like(a), torch.empty_like(c), a.new_empty((), dtype=acc), a.new_empty((), dtype=acc)
 
 
+@torch.library.custom_op("fastclip::sigmoid_loss_rows_bwd", mutates_args=())
+def _rows_bwd_op(
+    g: Tensor, a: Tensor, c: Tensor, scale: Tensor, bias: Tensor | None, label_offset: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    a, c = rows_contiguous(a), rows_contiguous(c)
+    acc = _acc(a.dtype)
+    grad_a, ds, db = _impl(backend).sigmoid_loss_rows_bwd(
+        g.reshape(()).to(acc), a, c, scale, bias, label_offset
+    )
+    return grad_a, ds.reshape(()).to(acc).clone(), db.reshape(()).to(acc).clone()
+
+
+@_rows_bwd_op.register_fake
+def _(g, a, c, scale, bias, label_offset, backend):
+    acc = _acc(a.dtype)
+    return torch.empty_like(a), a.new_empty((), dtype=acc), a.new_empty((), dtype=acc)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     a, c, scale, bias, label_offset, backend = inputs
     ctx.save_for_backward(a, c, scale, bias)
@@ -97,6 +117,13 @@ def sigmoid_loss_sum(a, c, logit_scale, logit_bias, *, label_offset=0, backend="
     """
     backend = resolve_backend(backend, a)
     return torch.ops.fastclip.sigmoid_loss_fwd(a, c, logit_scale, logit_bias, label_offset, backend)
+
+
+def sigmoid_loss_rows_grad(g, a, c, logit_scale, logit_bias, *, label_offset=0, backend="auto"):
+    """Row gradient of g * :func:`sigmoid_loss_sum` without the column pass: (grad_a [M, D] in a's
+    dtype, ds [], dbeta [] in fp32 / fp64). Tensors as in ``sigmoid_loss_sum``; g: 0-d."""
+    backend = resolve_backend(backend, a)
+    return torch.ops.fastclip.sigmoid_loss_rows_bwd(g, a, c, logit_scale, logit_bias, label_offset, backend)
 
 
 def sigmoid_loss(
@@ -133,7 +160,7 @@ def sigmoid_loss(
     check_same_batch("text_features", text_features, "image_features", image_features)
     if logit_bias is None:
         raise ValueError("logit_bias is required for the sigmoid loss (SigLIP init: -10)")
-    scale = as_scalar_tensor("logit_scale", logit_scale, device, scalar_dtype(dtype))
+    scale = as_scalar_tensor("logit_scale", logit_scale, device, scalar_dtype(dtype), positive=True)
     bias = as_scalar_tensor("logit_bias", logit_bias, device, scalar_dtype(dtype))
     columns = text_features
     if all_text_features is not None:

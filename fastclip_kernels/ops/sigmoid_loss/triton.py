@@ -97,3 +97,8 @@ def sigmoid_loss_bwd(g, a, c, scale, bias, label_offset: int):
     grad_a, ds, db = pairwise_grad(a, c, scale, bias, label_offset, LOSS_SIGMOID, g=g)
     grad_c, _, _ = pairwise_grad(c, a, scale, bias, -label_offset, LOSS_SIGMOID, g=g)
     return grad_a, grad_c, ds, db
+
+
+def sigmoid_loss_rows_bwd(g, a, c, scale, bias, label_offset: int):
+    """(grad_a, ds, dbeta) of g * sum_ij softplus(-y_ij z_ij): the row gradient only (no dC pass)."""
+    return pairwise_grad(a, c, scale, bias, label_offset, LOSS_SIGMOID, g=g)
