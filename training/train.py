@@ -43,7 +43,7 @@ __all__ = ["NonFiniteLoss", "main", "train"]
 def train(cfg, stop_at: int | None = None) -> dict:
     """Run the configured training; returns the final metrics (rank 0; other ranks get the step).
     ``stop_at`` (tests) stops after that step as an interruption would: checkpoint, no final eval."""
-    ranks, run = dist.setup(build.device_of(cfg).type), None
+    ranks, run = dist.setup(build.device_of(cfg).type, timeout_minutes=cfg.dist_timeout_minutes), None
     try:
         run = Run(cfg, ranks)
         return run.fit(stop_at)
@@ -182,7 +182,8 @@ class Run:
 
     def evaluate(self) -> dict:
         """Zero-shot and retrieval metrics (rank 0) at the model's current resolution and the text length
-        it was last trained at; the retrieval embeddings go to ``<run>/embeddings/step_<N>.pt``."""
+        it was last trained at; the retrieval embeddings go to ``<run>/embeddings/step_<N>.pt``.
+        The other ranks wait in a barrier meanwhile: ``dist.timeout_minutes`` must cover it (and a save)."""
         metrics = {"step": self.step}
         if self.ranks.is_main:
             cfg, length = self.cfg, self.eval_text_length()
