@@ -27,3 +27,63 @@ def test_dist_timeout_minutes_reaches_dist_setup(monkeypatch):
         train_mod.train(cfg)
     assert seen == {"kind": "cpu", "timeout": 42.5}
     assert parse_args(["--preset", "demo"]).dist_timeout_minutes == 30.0
+
+
+# -- item 5: evaluation scores in fp32 inside the training's bf16 autocast -------------------------
+class _RowTokenizer:
+    """Text "<k>" -> ids [[k]]: the fake towers look row k up (no matmul, so autocast cannot touch it)."""
+
+    def encode_batch(self, texts, context_length):
+        return torch.tensor([[int(t)] for t in texts]), torch.ones(len(texts), dtype=torch.long)
+
+
+class _LookupTowers(torch.nn.Module):
+    def __init__(self, text_table):
+        super().__init__()
+        self.text_table = text_table
+
+    def encode_image(self, images):  # the "images" are the unit-norm features themselves
+        return images
+
+    def encode_text(self, ids, lengths):
+        return self.text_table[ids[:, 0]]
+
+
+def _near_ties(n: int, dim: int = 32, spread: float = 0.1, noise: float = 0.01):
+    """Image features around one center, each caption close to its image: similarities all ~0.999, so
+    bf16 (3 digits) ties and reorders them (R@1 1.0 in fp32, ~0.8 in bf16)."""
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(dim, generator=g)
+    base = torch.nn.functional.normalize(center + spread * torch.randn(n, dim, generator=g), dim=-1)
+    near = torch.nn.functional.normalize(base + noise * torch.randn(n, dim, generator=g), dim=-1)
+    return base, near
+
+
+def test_evaluation_inside_bf16_autocast_scores_in_fp32():
+    from training.data.datasets import Batch
+    from training.evaluate import recall_at, retrieval_recall, scores, zero_shot_accuracy
+
+    img, txt = _near_ties(256)
+    owner = torch.arange(256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = scores(img, txt)
+        recall_inside = recall_at(img, txt, owner)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, img @ txt.T, rtol=0, atol=1e-6)
+    assert recall_inside == recall_at(img, txt, owner)
+
+    tok, model = _RowTokenizer(), _LookupTowers(txt)
+    loader = [Batch(img[i : i + 64], [str(k) for k in range(i, i + 64)], owner[i : i + 64], 0)
+              for i in range(0, 256, 64)]  # fmt: skip
+    classes = [str(k) for k in range(256)]
+    labels = [Batch(b.images, b.indices, b.indices, 0) for b in loader]
+    fp32 = (
+        retrieval_recall(model, tok, loader, 1, "cpu"),
+        zero_shot_accuracy(model, tok, labels, classes, ["{}"], 1, "cpu"),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = (
+            retrieval_recall(model, tok, loader, 1, "cpu"),
+            zero_shot_accuracy(model, tok, labels, classes, ["{}"], 1, "cpu"),
+        )
+    assert bf16 == fp32
