@@ -87,3 +87,26 @@ def test_evaluation_inside_bf16_autocast_scores_in_fp32():
             zero_shot_accuracy(model, tok, labels, classes, ["{}"], 1, "cpu"),
         )
     assert bf16 == fp32
+
+
+# -- item 4: DDP leaves LLM2CLIP's constant embedding table alone ----------------------------------
+def test_ddp_does_not_sync_the_adapter_table():
+    import torch.distributed as tdist
+
+    from training import dist
+    from training.model import build_model
+
+    cfg = parse_args(["--preset", "demo", "--model.text_tower", "adapter", "--data.text_embeddings", "x.pt"])
+    table = torch.randn(10, 8)
+    model = build_model(cfg, 10, table)
+    model.register_buffer("step_count", torch.zeros(()))  # an ordinary buffer: still synced
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        net = dist.ddp(model, torch.device("cpu"))
+        synced = set(net.named_module_buffers)
+        assert "text.table" in dict(model.named_buffers())
+        assert "text.table" not in synced and "step_count" in synced, synced
+        assert not any(b is model.text.table for b in net.modules_buffers)
+    finally:
+        del net
+        tdist.destroy_process_group()

@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import build, checkpoint, dist
 from .config import ConfigError, parse_args
@@ -113,8 +112,7 @@ class Run:
         self.opt = build.optimizer(self.cfg, self.model, self.objective)
         net = self.model
         if self.ranks.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            net = DistributedDataParallel(net, device_ids=ids)
+            net = dist.ddp(net, self.device)
         self.net = torch.compile(net) if self.cfg.train_compile else net
         self.train_step = TrainStep(self.cfg, self.tok, self.net, self.model, self.objective, self.opt,
                                     self.ranks, self.device, self.pos_rank)  # fmt: skip
