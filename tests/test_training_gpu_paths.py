@@ -110,3 +110,39 @@ def test_ddp_does_not_sync_the_adapter_table():
     finally:
         del net
         tdist.destroy_process_group()
+
+
+# -- item 1: a resume puts every optimizer / objective tensor on the run's device --------------------
+def _tensors(tree, path=""):
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{path}.{k}")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("optim", ["adamw", "lamb"])
+@pytest.mark.parametrize("mode", ["clip", "siglip", "gcl", "rgcl", "rgcl_g"])
+def test_resume_lands_optimizer_and_objective_state_on_the_run_device(tmp_path, mode, optim):
+    """A run saves on the CPU (as checkpoint.load maps a GPU run's file); the same run resumed on another
+    device (``meta`` stands in for cuda) must hold no optimizer / objective tensor anywhere else."""
+    from training import dist
+
+    argv = ["--preset", "demo", "--run.output_dir", str(tmp_path), "--loss.mode", mode, "--optim.name", optim,
+            "--data.num_samples", "64", "--train.batch_size", "16", "--data.num_workers", "0",
+            "--eval.every_steps", "0", "--log.progress_bar", "false"]  # fmt: skip
+    assert train_mod.train(parse_args(argv), stop_at=1)["interrupted"]
+    run = train_mod.Run(
+        parse_args([*argv, "--ckpt.resume", "latest"]), dist.Ranks(device=torch.device("meta"))
+    )
+    run.resume(str(tmp_path / "demo" / "latest.pt"))
+    assert run.step == 1
+    opt_state = {"state": list(run.opt.state.values()), "groups": run.opt.param_groups}
+    tensors = [*_tensors(opt_state, "optimizer"), *_tensors(run.objective.state_dict(), "objective")]
+    assert any(name.endswith(".lr") for name, _ in tensors) == (mode == "rgcl_g")  # the temperature group
+    assert len(run.opt.state) > 0
+    off = {name: t.device for name, t in tensors if t.device.type != "meta"}
+    assert not off, off
