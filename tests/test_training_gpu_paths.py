@@ -146,3 +146,127 @@ def test_resume_lands_optimizer_and_objective_state_on_the_run_device(tmp_path, 
     assert len(run.opt.state) > 0
     off = {name: t.device for name, t in tensors if t.device.type != "meta"}
     assert not off, off
+
+
+# -- item 8: uint8 images to the device, normalized and resized there; no per-step host read ---------
+class _Reached(Exception):
+    pass
+
+
+class _NoLR:
+    def set_lr(self, *args):
+        pass
+
+
+def test_step_moves_uint8_then_normalizes_and_resizes_on_the_device(monkeypatch):
+    from fastclip_kernels import tokens
+    from training import dist
+    from training import step as step_mod
+    from training.data.datasets import Batch
+    from training.tokenizer import CaptionTokenizer
+
+    moved, resized, seen = [], [], {}
+    to_device, resize = step_mod.to_device, tokens.resize_images
+
+    def record_move(images, *args):
+        moved.append((images.dtype, images.device.type))
+        return to_device(images, *args)
+
+    def record_resize(images, size):
+        resized.append((images.dtype, images.device.type))
+        return resize(images, size)
+
+    def towers(images, ids, lengths, keep_idx):
+        seen.update(images=images)
+        raise _Reached
+
+    monkeypatch.setattr(step_mod, "to_device", record_move)
+    monkeypatch.setattr(tokens, "resize_images", record_resize)
+    cfg = parse_args(["--preset", "demo", "--clipa.image_strategy", "resize", "--clipa.image_resize", "32"])
+    tok = CaptionTokenizer.train(["a red circle", "two blue squares"], vocab_size=40, min_frequency=1)
+    meta = torch.device("meta")
+    train_step = step_mod.TrainStep(cfg, tok, towers, None, _NoLR(), None, dist.Ranks(device=meta), meta)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with pytest.raises(_Reached):
+        train_step(
+            Batch(images, ["a red circle"] * 4, torch.arange(4), 0), step=0, stage=1, lr=1e-3, total_steps=9
+        )
+    assert moved == [(torch.uint8, "cpu")]  # the host-to-device copy carries uint8
+    assert resized == [(torch.float32, "meta")]  # normalized, then resized after the copy
+    assert seen["images"].device == meta and seen["images"].shape == (4, 3, 32, 32)
+
+
+def test_uint8_pipeline_normalizes_to_the_old_fp32_batch():
+    """What the step makes of the new uint8 batches (``device_images``) equals the fp32 batches the data
+    used to produce (augmented cache, PIL transform), resize included."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from fastclip_kernels.tokens import resize_images
+    from training.data.batches import BatchKey, TrainBatches
+    from training.data.datasets import ImageTransform, normalize
+    from training.step import device_images
+
+    cfg = parse_args(["--preset", "demo", "--clipa.image_strategy", "resize", "--clipa.image_resize", "8"])
+    gen = torch.Generator().manual_seed(0)
+    cached = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=gen)
+    cache = SimpleNamespace(images=cached, ok=torch.ones(6, dtype=torch.bool))
+    ds = SimpleNamespace(captions=[[f"caption {i}"] for i in range(6)])
+    key = BatchKey(2, [4, 1, 3], [0])
+    old = TrainBatches(ds, ImageTransform(16, train=True, seed=3), None, cache)[key].images
+    new = TrainBatches(ds, ImageTransform(16, train=True, seed=3, uint8=True), None, cache)[key].images
+    assert old.dtype == torch.float32 and new.dtype == torch.uint8
+    torch.testing.assert_close(device_images(cfg, new, stage=2), old, rtol=0, atol=1e-6)
+    torch.testing.assert_close(device_images(cfg, new, stage=1), resize_images(old, 8), rtol=0, atol=1e-6)
+    pil = Image.fromarray(cached[0].permute(1, 2, 0).numpy())
+    for train in (True, False):
+        fp32 = ImageTransform(16, train=train, seed=1)(pil, 5)
+        u8 = ImageTransform(16, train=train, seed=1, uint8=True)(pil, 5)
+        assert u8.dtype == torch.uint8
+        torch.testing.assert_close(normalize(u8), fp32, rtol=0, atol=0)
+
+
+class _CountedLoss:
+    """Stands in for the step's mean loss; counts the host reads."""
+
+    reads = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def item(self):
+        _CountedLoss.reads += 1
+        return float(self.value)
+
+
+def test_progress_bar_reads_the_loss_only_at_logging_steps(tmp_path, monkeypatch):
+    import sys
+
+    from training.step import TrainStep
+
+    call = TrainStep.__call__
+
+    def counted(self, *args, **kw):
+        loss, flops = call(self, *args, **kw)
+        return _CountedLoss(loss), flops
+
+    monkeypatch.setattr(TrainStep, "__call__", counted)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is on, as on a terminal
+    _CountedLoss.reads = 0
+    cfg = parse_args(["--preset", "demo", "--run.output_dir", str(tmp_path), "--data.num_samples", "96",
+                      "--train.batch_size", "16", "--data.num_workers", "0", "--eval.every_steps", "0",
+                      "--train.max_steps", "6", "--log.every_steps", "3", "--loss.mode", "clip"])  # fmt: skip
+    monitor_bars = []
+    from training import monitor
+
+    init = monitor.Monitor.__init__
+
+    def spy(self, *args, **kw):
+        init(self, *args, **kw)
+        monitor_bars.append(self.bar)
+
+    monkeypatch.setattr(monitor.Monitor, "__init__", spy)
+    train_mod.train(cfg)
+    assert monitor_bars and monitor_bars[0] is not None
+    assert _CountedLoss.reads == 2  # steps 3 and 6, for their log rows; none per step

@@ -83,7 +83,7 @@ class Run:
         else:
             sampler = GlobalIndexSampler(len(self.dataset), K, ranks.rank, seed=cfg.run_seed)
             self.batches, self.loader = sources.train_batches(cfg, self.dataset, sampler, self.local_batch,
-                                                              self.transform)  # fmt: skip
+                                                              self.transform, self.device.type == "cuda")  # fmt: skip
         table = self.tok.cache.table if hasattr(self.tok, "cache") else None
         self.model = build_model(cfg, self.tok.vocab_size, table).to(self.device)
         if cfg.train_activation_checkpointing:
@@ -151,7 +151,7 @@ class Run:
                 self.transform.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch, skip_batches=self.position)
             workers = min(self.cfg.data_num_workers, len(self.dataset.urls) // self.ranks.world_size)
-            loader = build.loader(self.dataset, self.local_batch, workers=workers)
+            loader = build.loader(self.dataset, self.local_batch, workers, self.device.type == "cuda")
         return itertools.islice(loader, max(0, self.steps_per_epoch - self.position))
 
     # -- evaluation and checkpoints ----------------------------------------------------------------
@@ -242,7 +242,7 @@ class Run:
                 loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
                 self.step, self.position = self.step + 1, self.position + 1
                 seen, flops, skipped = seen + len(batch.indices), flops + step_flop, skipped + batch.skipped
-                monitor.advance(loss.item() if monitor.bar is not None else None)
+                monitor.advance()  # no host read: the loss is read back at logging steps only
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total:
                     elapsed = time.perf_counter() - tic
                     skipped = dist.sum_over_ranks(skipped, self.ranks)  # all ranks, since the last row
