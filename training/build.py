@@ -21,9 +21,11 @@ from .tokenizer import CaptionTokenizer
 __all__ = ["device_of", "loader", "lr_at", "optimizer", "tokenizer"]
 
 
-def loader(dataset, batch_size, workers=0):
+def loader(dataset, batch_size, workers=0, pin_memory=False):
     """An in-order loader of ``Batch`` es (corrupt items dropped and counted): evaluation, shards."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=SkipCorrupt())
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=SkipCorrupt(), pin_memory=pin_memory
+    )
 
 
 def tokenizer(cfg, captions, run_dir):

@@ -52,7 +52,7 @@ BOUNDS = {  # numeric fields: allowed interval (optional fields may also be None
     "optim_grad_clip": "[0, inf)", "train_batch_size": "[2, inf)", "train_epochs": "(0, inf)",
     "train_max_steps": "(0, inf)", "clipa_image_keep": "(0, 1]", "clipa_stage2_epochs": "[0, inf)",
     "clipa_stage2_lr": "(0, inf)", "eval_every_steps": "[0, inf)", "eval_batch_size": "[1, inf)", "eval_text_length": "[3, inf)",
-    "log_every_steps": "[1, inf)", "ckpt_every_steps": "[0, inf)",
+    "log_every_steps": "[1, inf)", "ckpt_every_steps": "[0, inf)", "dist_timeout_minutes": "(0, inf)",
 }
 # fmt: on
 FASTCLIP_FIELDS = ("loss_gamma_min", "loss_gamma_decay_epochs", "loss_rho", "loss_eps", "loss_lr_tau")
@@ -143,6 +143,7 @@ class TrainConfig:
     log_progress_bar: bool = _f(True, "Show a progress bar on interactive terminals.")
     ckpt_every_steps: int = _f(500, "Save a checkpoint every N steps (0: only at the end).")
     ckpt_resume: str = _f("", "Checkpoint to resume from ('latest': the run's last one); empty: fresh start.")
+    dist_timeout_minutes: float = _f(30.0, "torchrun ranks: how long a collective may wait before the process group aborts. The other ranks wait in a barrier while rank 0 evaluates (all of eval's sets, in its process) and writes a checkpoint: keep it above the longest of those (NCCL's own default is 10).")
     # fmt: on
 
     # -- derived --------------------------------------------------------------------------------

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
 __all__ = [
     "Ranks",
     "barrier",
+    "constant_buffer_names",
     "cuda_device_index",
+    "ddp",
     "gather_to_main",
     "mean_over_ranks",
     "setup",
@@ -83,6 +86,22 @@ def cuda_device_index(local_rank: str | None, rank: int, visible: int) -> int:
         f"LOCAL_RANK={local} but this process sees {visible} CUDA devices (0..{visible - 1}); give each "
         "process all of the node's GPUs (torchrun's default) or exactly one"
     )
+
+
+def constant_buffer_names(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the buffers ``model``'s modules declare constant (``constant_buffers``)."""
+    return [
+        f"{name}.{b}" if name else b
+        for name, m in model.named_modules()
+        for b in getattr(m, "constant_buffers", ())
+    ]
+
+
+def ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` wrapped in DDP, its constant buffers (LLM2CLIP's caption-embedding table, GBs) left out of
+    DDP's start-up broadcast and of the buffer sync before every forward."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, constant_buffer_names(model))
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def teardown(ranks: Ranks) -> None:

@@ -3,7 +3,7 @@
 Both take a loader of ``training.data.datasets.Batch`` (the ``SkipCorrupt`` collate): zero-shot with int
 labels as targets, retrieval with the list of captions of each image as targets. uint8 images are
 normalized with CLIP's mean/std; float images are used as they are. Both put the model in eval mode and
-restore its previous mode.
+restore its previous mode. Scores are fp32 matmuls on every device, also inside a bf16 autocast.
 
     >>> zero_shot_accuracy(model, tok, loader, ds.classes, ds.templates, 16, "cpu")  # {'top1', 'top5', 'n'}
     >>> retrieval_recall(model, tok, loader, 16, "cpu")  # {'i2t_r1', ..., 't2i_r10', 'n_images', 'n_texts'}
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .data.datasets import normalize
 
-__all__ = ["encode_texts", "fill_template", "recall_at", "retrieval_embeddings", "retrieval_recall",
+__all__ = ["encode_texts", "fill_template", "recall_at", "retrieval_embeddings", "retrieval_recall", "scores",
            "zero_shot_accuracy"]  # fmt: skip
 
 TEXT_CHUNK = 1024  # captions encoded per forward
@@ -50,6 +50,13 @@ def _images(images: torch.Tensor, device) -> torch.Tensor:
     if images.dtype == torch.uint8:
         images = normalize(images)
     return images.to(device, non_blocking=True)
+
+
+def scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N, M] fp32 similarities ``a @ b.T`` of a [N, E] and b [M, E], with autocast off: evaluation runs
+    inside the training's bf16 autocast, whose matmul would round them to ~3 digits (ties, reordered top-k)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float().T
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str], context_length: int, device) -> torch.Tensor:
@@ -83,7 +90,7 @@ def zero_shot_accuracy(
             if images.shape[0] == 0:
                 continue
             feats = model.encode_image(_images(images, device)).float()
-            pred = (feats @ class_emb.T).topk(k5, dim=1).indices  # [B, k5]
+            pred = scores(feats, class_emb).topk(k5, dim=1).indices  # [B, k5]
             hit = pred == torch.as_tensor(targets, device=pred.device).view(-1, 1)
             top1 += int(hit[:, 0].sum())
             top5 += int(hit.any(dim=1).sum())
@@ -111,7 +118,7 @@ def retrieval_recall(model, tokenizer, loader, context_length: int, device, ks=(
 
 def recall_at(img: torch.Tensor, txt: torch.Tensor, owner_t: torch.Tensor, ks=(1, 5, 10)) -> dict:
     """Recall@k of unit-norm image [N_i, E] and text [N_t, E] embeddings; owner_t [N_t]: each text's image."""
-    sims = img @ txt.T  # [N_i, N_t]
+    sims = scores(img, txt)  # [N_i, N_t]
     n_i, n_t = sims.shape
     i2t_top = sims.topk(min(max(ks), n_t), dim=1).indices  # [N_i, k]
     i2t_hit = owner_t[i2t_top] == torch.arange(n_i, device=img.device).view(-1, 1)

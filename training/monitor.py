@@ -106,15 +106,16 @@ class Monitor:
         (self.bar.write if self.bar is not None else print)(line)
         sys.stdout.flush()
 
-    def advance(self, loss: float | None = None) -> None:
+    def advance(self) -> None:
+        """One step on the bar (no device read: the bar shows the loss of the last ``log`` row)."""
         if self.bar is not None:
             self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
+        if self.bar is not None and "loss" in row:
+            self.bar.set_postfix(loss=f"{float(row['loss']):.4f}", refresh=False)
         self.log_csv.write(row)
         self._print(" ".join(f"{k}={v}" for k, v in row.items() if v != ""))  # CSV keeps every column
         self._scalars("train", row)

@@ -2,7 +2,9 @@
 features -> loss -> backward -> update.
 
 ``TrainStep.__call__`` is the whole step; ``to_device`` is the only place a batch moves to the model's
-device (images, ids, CLIPA's keep_idx, the global indices). CLIPA token reduction is seeded by
+device (images as uint8 when the data gives them so, ids, CLIPA's keep_idx, the global indices); uint8
+images are normalized there (``device_images``) and CLIPA's resize runs there too, after the copy.
+CLIPA token reduction is seeded by
 ``seeds.generator`` from (run seed, step) for image masks, drawn for the whole global batch so that
 rank r's rows (r, r + K, ...) do not depend on K, and from (run seed, step, rank) for random / block
 text masks. Truncation, resize and syntax masking are deterministic.
@@ -20,10 +22,12 @@ from fastclip_kernels import tokens
 from fastclip_kernels.tokens.syntax_table import build_syntax_rank, load_syntax_rank, save_syntax_rank
 
 from . import dist
+from .data.datasets import normalize
 from .monitor import step_flops
 from .seeds import generator
 
-__all__ = ["DeviceBatch", "NonFiniteLoss", "TrainStep", "autocast", "pos_table", "reduce_tokens", "to_device"]
+__all__ = ["DeviceBatch", "NonFiniteLoss", "TrainStep", "autocast", "device_images", "pos_table", "reduce_tokens",
+           "to_device"]  # fmt: skip
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,8 +55,19 @@ def kept_patches(cfg, grid: tuple[int, int]) -> int:
     return max(1, round(cfg.clipa_image_keep * grid[0] * grid[1]))
 
 
+def device_images(cfg, images: torch.Tensor, stage: int) -> torch.Tensor:
+    """Images on the model's device -> the towers' input: uint8 normalized with CLIP's mean/std (fp32),
+    then in CLIPA stage 1 with the resize strategy resized to ``clipa.image_resize`` (deterministic)."""
+    if images.dtype == torch.uint8:
+        images = normalize(images)
+    if stage == 1 and cfg.clipa_image_strategy == "resize":
+        images = tokens.resize_images(images, cfg.clipa_image_resize)
+    return images
+
+
 def reduce_tokens(cfg, images, ids, lengths, step: int, ranks, patch_size: int, pos_rank=None):
-    """CLIPA stage 1: (images (resized), ids, lengths, keep_idx [B, k] or None); ``ranks``: (rank, K)."""
+    """CLIPA stage 1: (images, ids, lengths, keep_idx [B, k] or None); ``ranks``: (rank, K). Images are
+    only read for their shape: the resize strategy runs on the device (``device_images``)."""
     rank, world = ranks
     gen = generator(cfg.run_seed, "image_mask", step)
     keep_idx, strategy = None, cfg.clipa_image_strategy
@@ -63,8 +78,6 @@ def reduce_tokens(cfg, images, ids, lengths, step: int, ranks, patch_size: int, 
         keep_idx = tokens.block_keep(rows, grid, kept_patches(cfg, grid), generator=gen)[rank::world]
     elif strategy == "grid":
         keep_idx = tokens.grid_keep(rows, grid, generator=gen)[rank::world]
-    elif strategy == "resize":
-        images = tokens.resize_images(images, cfg.clipa_image_resize)
     text = cfg.clipa_text_strategy
     if text != "none" and ids.shape[1] > cfg.clipa_text_length:
         if text == "syntax":
@@ -102,6 +115,7 @@ class TrainStep:
                 cfg, images, ids, lengths, step, ranks, self.patch, self.pos_rank
             )
         x = to_device(images, ids, lengths.tolist(), keep_idx, batch.indices, self.device)
+        x = x._replace(images=device_images(cfg, x.images, stage))
         self.objective.set_lr(self.opt, lr, self.model, step, total_steps)
         with autocast(cfg, self.device):
             img, txt = self.net(x.images, x.ids, x.lengths, x.keep_idx)
@@ -115,7 +129,7 @@ class TrainStep:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.objective.after_update(self.model)
-        grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
+        grid = (x.images.shape[-2] // self.patch, x.images.shape[-1] // self.patch)
         n_img = keep_idx.shape[1] if keep_idx is not None else grid[0] * grid[1]
         return mean_loss, step_flops(cfg.model_dims(), [n_img] * len(texts), x.lengths)
 

@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import build, checkpoint, dist
 from .config import ConfigError, parse_args
@@ -43,7 +42,7 @@ __all__ = ["NonFiniteLoss", "main", "train"]
 def train(cfg, stop_at: int | None = None) -> dict:
     """Run the configured training; returns the final metrics (rank 0; other ranks get the step).
     ``stop_at`` (tests) stops after that step as an interruption would: checkpoint, no final eval."""
-    ranks, run = dist.setup(build.device_of(cfg).type), None
+    ranks, run = dist.setup(build.device_of(cfg).type, timeout_minutes=cfg.dist_timeout_minutes), None
     try:
         run = Run(cfg, ranks)
         return run.fit(stop_at)
@@ -82,7 +81,7 @@ class Run:
         else:
             sampler = GlobalIndexSampler(len(self.dataset), K, ranks.rank, seed=cfg.run_seed)
             self.batches, self.loader = sources.train_batches(cfg, self.dataset, sampler, self.local_batch,
-                                                              self.transform)  # fmt: skip
+                                                              self.transform, self.device.type == "cuda")  # fmt: skip
         table = self.tok.cache.table if hasattr(self.tok, "cache") else None
         self.model = build_model(cfg, self.tok.vocab_size, table).to(self.device)
         if cfg.train_activation_checkpointing:
@@ -111,8 +110,7 @@ class Run:
         self.opt = build.optimizer(self.cfg, self.model, self.objective)
         net = self.model
         if self.ranks.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            net = DistributedDataParallel(net, device_ids=ids)
+            net = dist.ddp(net, self.device)
         self.net = torch.compile(net) if self.cfg.train_compile else net
         self.train_step = TrainStep(self.cfg, self.tok, self.net, self.model, self.objective, self.opt,
                                     self.ranks, self.device, self.pos_rank)  # fmt: skip
@@ -151,7 +149,7 @@ class Run:
                 self.transform.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch, skip_batches=self.position)
             workers = min(self.cfg.data_num_workers, len(self.dataset.urls) // self.ranks.world_size)
-            loader = build.loader(self.dataset, self.local_batch, workers=workers)
+            loader = build.loader(self.dataset, self.local_batch, workers, self.device.type == "cuda")
         return itertools.islice(loader, max(0, self.steps_per_epoch - self.position))
 
     # -- evaluation and checkpoints ----------------------------------------------------------------
@@ -180,7 +178,8 @@ class Run:
 
     def evaluate(self) -> dict:
         """Zero-shot and retrieval metrics (rank 0) at the model's current resolution and the text length
-        it was last trained at; the retrieval embeddings go to ``<run>/embeddings/step_<N>.pt``."""
+        it was last trained at; the retrieval embeddings go to ``<run>/embeddings/step_<N>.pt``.
+        The other ranks wait in a barrier meanwhile: ``dist.timeout_minutes`` must cover it (and a save)."""
         metrics = {"step": self.step}
         if self.ranks.is_main:
             cfg, length = self.cfg, self.eval_text_length()
@@ -241,7 +240,7 @@ class Run:
                 loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
                 self.step, self.position = self.step + 1, self.position + 1
                 seen, flops, skipped = seen + len(batch.indices), flops + step_flop, skipped + batch.skipped
-                monitor.advance(loss.item() if monitor.bar is not None else None)
+                monitor.advance()  # no host read: the loss is read back at logging steps only
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total:
                     elapsed = time.perf_counter() - tic
                     skipped = dist.sum_over_ranks(skipped, self.ranks)  # all ranks, since the last row

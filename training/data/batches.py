@@ -94,14 +94,16 @@ class _Decode(Dataset):
 
 def augment_uint8(transform: ImageTransform, image: torch.Tensor, index: int, epoch: int) -> torch.Tensor:
     """``transform``'s random resized crop and flip on a cached uint8 [3, S, S] image, keyed by
-    (transform.seed, epoch, index) as on PIL images; -> normalized float [3, size, size]."""
+    (transform.seed, epoch, index) as on PIL images; -> uint8 [3, size, size] when ``transform.uint8``,
+    else normalized float."""
     gen = transform.generator(index, epoch)
     x0, y0, x1, y1 = transform._crop_box(image.shape[-1], image.shape[-2], gen)
     crop = image[None, :, y0:y1, x0:x1].float()
     out = F.interpolate(crop, size=(transform.size, transform.size), mode="bilinear", antialias=True)[0]
     if torch.rand((), generator=gen) < 0.5:
         out = out.flip(-1)
-    return normalize(out.round().clamp(0, 255))
+    out = out.round().clamp(0, 255)
+    return out.to(torch.uint8) if getattr(transform, "uint8", False) else normalize(out)
 
 
 class TrainBatches(Dataset):
@@ -162,9 +164,12 @@ def _one(batch):
     return batch
 
 
-def batch_loader(dataset: TrainBatches, batches: EpochBatches, workers: int = 0) -> DataLoader:
-    """A loader of whole batches, built once per run: workers persist across epochs."""
+def batch_loader(
+    dataset: TrainBatches, batches: EpochBatches, workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A loader of whole batches, built once per run: workers persist across epochs; ``pin_memory`` (CUDA)
+    so that the step's host-to-device copy is asynchronous."""
     return DataLoader(
-        dataset, batch_size=None, sampler=batches, num_workers=workers, collate_fn=_one,
+        dataset, batch_size=None, sampler=batches, num_workers=workers, collate_fn=_one, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
     )  # fmt: skip

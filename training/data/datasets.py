@@ -55,9 +55,13 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] (or [B, 3, H, W]) -> float32, scaled to [0, 1] and normalized with CLIP mean/std."""
-    shape = (3, 1, 1)
-    mean, std = torch.tensor(CLIP_MEAN).view(shape), torch.tensor(CLIP_STD).view(shape)
+    """uint8 [3, H, W] (or [B, 3, H, W]) -> float32 on its device, scaled to [0, 1] and normalized with CLIP
+    mean/std."""
+    shape, device = (3, 1, 1), image.device
+    mean, std = (
+        torch.tensor(CLIP_MEAN, device=device).view(shape),
+        torch.tensor(CLIP_STD, device=device).view(shape),
+    )
     return (image.float() / 255.0 - mean) / std
 
 
@@ -70,7 +74,8 @@ def apply_transform(transform, img, index: int):
 
 
 class ImageTransform:
-    """PIL image -> normalized float tensor [3, size, size].
+    """PIL image -> normalized float tensor [3, size, size] (``uint8=True``: the uint8 image [3, size, size],
+    normalized later, e.g. by the training step on the device).
 
     train=True: random resized crop (area fraction in `scale`, aspect ratio in `ratio`, log-uniform) and a
     horizontal flip with probability 1/2. Called with the sample's global `index`, the draw is a pure
@@ -79,10 +84,18 @@ class ImageTransform:
     index it draws from torch's global RNG. train=False: resize the short side to `size`, center crop.
     """
 
-    def __init__(self, size: int, train: bool = False, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), seed: int = 0):
+    def __init__(
+        self,
+        size: int,
+        train: bool = False,
+        scale=(0.5, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        seed: int = 0,
+        uint8=False,
+    ):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        self.size, self.train, self.scale, self.ratio = size, train, scale, ratio
+        self.size, self.train, self.scale, self.ratio, self.uint8 = size, train, scale, ratio, bool(uint8)
         self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -116,7 +129,8 @@ class ImageTransform:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             img = ImageOps.fit(img, (s, s), Image.BICUBIC)  # central square crop, resized
-        return normalize(pil_to_uint8(img))
+        image = pil_to_uint8(img)
+        return image if self.uint8 else normalize(image)
 
 
 def _read_caption_table(tsv_path: str | Path) -> dict[str, list[str]]:

@@ -42,16 +42,17 @@ def flickr_paths(cfg, split):
 
 
 def train_transform(cfg, image_size):
-    """The training augmentation (keyed by sample index); None for the synthetic data."""
-    return None if cfg.data_kind == "synthetic" else ImageTransform(image_size, train=True, seed=cfg.run_seed)
+    """The training augmentation (keyed by sample index; uint8 out, normalized by the step on the device);
+    None for the synthetic data."""
+    if cfg.data_kind == "synthetic":
+        return None
+    return ImageTransform(image_size, train=True, seed=cfg.run_seed, uint8=True)
 
 
 def train_dataset(cfg, transform=None):
     """(dataset of (image, captions, global index) or None for shards, training captions for the tokenizer)."""
     if cfg.data_kind == "synthetic":
-        ds = SyntheticScenes(
-            cfg.data_num_samples, cfg.data_image_size, seed=cfg.run_seed, transform=normalize
-        )
+        ds = SyntheticScenes(cfg.data_num_samples, cfg.data_image_size, seed=cfg.run_seed)  # uint8
         captions = [c for i in range(min(len(ds), TOKENIZER_CAPTIONS)) for c in ds[i][1]]
     elif cfg.data_kind in ("flickr8k", "csv"):
         table, images, split = flickr_paths(cfg, "train")
@@ -71,15 +72,15 @@ def caption_choice(cfg):
     return None
 
 
-def train_batches(cfg, dataset, sampler: GlobalIndexSampler, local_batch: int, transform):
+def train_batches(cfg, dataset, sampler: GlobalIndexSampler, local_batch: int, transform, pin_memory=False):
     """(EpochBatches, loader of full batches built once) for a map-style training set; flickr8k / csv
-    images are decoded once into memory when ``data.cache_images``."""
+    images are decoded once into memory when ``data.cache_images``; ``pin_memory``: on CUDA."""
     cache = None
     if cfg.data_cache_images and isinstance(dataset, CaptionFolderDataset):
         cache = ImageCache(dataset, cfg.data_image_size, workers=cfg.data_num_workers)
     batches = EpochBatches(sampler, local_batch)
     data = TrainBatches(dataset, transform, caption_choice(cfg), cache)
-    return batches, batch_loader(data, batches, cfg.data_num_workers)
+    return batches, batch_loader(data, batches, cfg.data_num_workers, pin_memory)
 
 
 def shard_captions(cfg, limit: int | None = 100_000) -> list[str]:

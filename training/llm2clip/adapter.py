@@ -41,7 +41,11 @@ class TextAdapter(nn.Module):
 
 
 class AdapterTextTower(nn.Module):
-    """Embedding-table lookup (frozen) + TextAdapter; ``forward(ids [B, L], lengths=...) -> [B, E]``."""
+    """Embedding-table lookup (frozen) + TextAdapter; ``forward(ids [B, L], lengths=...) -> [B, E]``.
+    ``constant_buffers``: the table never changes, so DDP neither broadcasts nor syncs it
+    (``training.dist.ddp``): every rank loads the same cache."""
+
+    constant_buffers = ("table",)
 
     def __init__(self, table: torch.Tensor, out_dim: int, blocks: int = 4):
         super().__init__()
