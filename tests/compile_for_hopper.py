@@ -88,11 +88,14 @@ def configurations():
         blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
         precision = "tf32" if dtype == "fp32" else "ieee"
         common = dict(HAS_BIAS=True, INPUT_PRECISION=precision, **blocks)
+        rescale = dict(RESCALE_W=dtype == "fp16")  # as pairwise.rescale_w selects
         if d == FEATURE_DIMS[0]:
             yield contrastive_triton._row_cross_entropy_fwd_kernel, dtype, common, cfg["num_warps"]
             yield sigmoid_triton._sigmoid_loss_fwd_kernel, dtype, common, cfg["num_warps"]
         for loss, row, col in [(0, True, True), (0, True, False), (0, False, True), (1, False, False)]:
-            grad = dict(common, LOSS=loss, HAS_ROW_TERM=row, HAS_COL_TERM=col, BLOCK_DO=cfg["BLOCK_DO"])
+            grad = dict(
+                common, **rescale, LOSS=loss, HAS_ROW_TERM=row, HAS_COL_TERM=col, BLOCK_DO=cfg["BLOCK_DO"]
+            )
             yield pairwise._pairwise_grad_kernel, dtype, grad, cfg["num_warps"]
         yield from anchor_configurations(dtype, d)
 
@@ -107,7 +110,7 @@ def anchor_configurations(dtype, d):
         if d == FEATURE_DIMS[0]:
             yield anchor_triton._anchor_stats_kernel, dtype, common, cfg["num_warps"]
         for row, col in itertools.product((True, False), repeat=2):
-            grad = dict(common, HAS_ROW=row, HAS_COL=col, BLOCK_DO=cfg["BLOCK_DO"])
+            grad = dict(common, HAS_ROW=row, HAS_COL=col, RESCALE_W=dtype == "fp16", BLOCK_DO=cfg["BLOCK_DO"])
             yield anchor_triton._anchor_grad_kernel, dtype, grad, cfg["num_warps"]
 
 

@@ -19,7 +19,8 @@ Grid (cdiv(M, BLOCK_M),); reads BLOCK_M*D + N*D elements per program, writes 3*B
 ``_anchor_grad_kernel`` (backward): grad_a = W @ C with
     W_ij = [j in S_i] (row.coef_i exp(row.scale_i P_ij - row.shift_i)
                        + col.coef_j exp(col.scale_j P_ij - col.shift_j)) + [j = i + o] pos_coef_i
-in fp32, zero outside the matrix, cast to C's dtype for the tensor-core product. The row and
+in fp32, zero outside the matrix, cast to C's dtype for the tensor-core product (fp16: rows rescaled by a
+power of two first, ``tiles._rescale_rows``, so small W does not underflow). The row and
 column terms are constexpr-optional (HAS_ROW, HAS_COL). Grid (cdiv(M, BLOCK_M), cdiv(D, BLOCK_DO)):
 one program recomputes its P tiles over the full D and accumulates W @ C[:, BLOCK_DO block].
 Per-anchor vectors are read through a stride, so a stride-0 ``expand`` of a scalar needs no copy.
@@ -32,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.pairwise import blocks, input_precision
-from ..common.tiles import _is_positive, _similarity_tile
+from ..common.pairwise import blocks, input_precision, rescale_w
+from ..common.tiles import _is_positive, _rescale_rows, _similarity_tile, _unscale_rows
 
 
 @triton.jit
@@ -139,6 +140,7 @@ def _anchor_grad_kernel(
     HAS_COL: tl.constexpr,
     EXCLUDE_POSITIVE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    RESCALE_W: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -159,6 +161,7 @@ def _anchor_grad_kernel(
         row_shift = _load_vec(row_shift_ptr, offs_m, mask_m, stride_rh)
         row_coef = _load_vec(row_coef_ptr, offs_m, mask_m, stride_rc)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    row_log2 = tl.full((BLOCK_M,), -126.0, dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -195,7 +198,11 @@ def _anchor_grad_kernel(
             mask=mask_n[:, None] & mask_do[None, :],
             other=0.0,
         )
+        if RESCALE_W:
+            w, acc, row_log2 = _rescale_rows(w, acc, row_log2)
         acc = tl.dot(w.to(c.dtype), c, acc, input_precision=INPUT_PRECISION)
+    if RESCALE_W:
+        acc = _unscale_rows(acc, row_log2)
     tl.store(
         grad_a_ptr + offs_m[:, None] * stride_gm + offs_do[None, :],
         acc.to(grad_a_ptr.dtype.element_ty),
@@ -278,6 +285,7 @@ def anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row, col):
         HAS_COL=col is not None,
         EXCLUDE_POSITIVE=exclude_positive,
         INPUT_PRECISION=precision,
+        RESCALE_W=rescale_w(a.dtype),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"],

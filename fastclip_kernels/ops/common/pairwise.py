@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import _pairwise_weight, _similarity_tile
+from .tiles import _pairwise_weight, _rescale_rows, _similarity_tile, _unscale_rows
 
 LOSS_LSE = 0
 LOSS_SIGMOID = 1
@@ -51,6 +51,7 @@ def _pairwise_grad_kernel(
     HAS_COL_TERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    RESCALE_W: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -71,6 +72,7 @@ def _pairwise_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_log2 = tl.full((BLOCK_M,), -126.0, dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -112,7 +114,11 @@ def _pairwise_grad_kernel(
             mask=mask_n[:, None] & mask_do[None, :],
             other=0.0,
         )
+        if RESCALE_W:
+            w, acc, row_log2 = _rescale_rows(w, acc, row_log2)
         acc = tl.dot(w.to(c.dtype), c, acc, input_precision=INPUT_PRECISION)
+    if RESCALE_W:
+        acc = _unscale_rows(acc, row_log2)
     grad_a = (acc * scale).to(grad_a_ptr.dtype.element_ty)
     tl.store(
         grad_a_ptr + offs_m[:, None] * stride_gm + offs_do[None, :],
@@ -137,6 +143,12 @@ def input_precision(dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def rescale_w(dtype) -> bool:
+    """Whether W needs the per-row power-of-two rescale before its GEMM: fp16 only (bf16 and fp32 have
+    fp32's exponent range, so W ~ 1/(2 b N) stays normal there)."""
+    return dtype == torch.float16
 
 
 def launch_config(a, scale, bias):
@@ -185,6 +197,7 @@ def pairwise_grad(a, c, scale, bias, label_offset, loss, row_term=None, col_term
         HAS_COL_TERM=col_term is not None,
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=precision,
+        RESCALE_W=rescale_w(a.dtype),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"],

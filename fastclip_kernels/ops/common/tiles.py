@@ -1,5 +1,6 @@
 """Triton device functions shared by the pairwise kernels (``pairwise.py``, the losses, the anchor ops): the similarity tile,
-numerically safe softplus / sigmoid, the positive-pair mask and the per-tile dL/dz (W)."""
+numerically safe softplus / sigmoid, the positive-pair mask, the per-tile dL/dz (W) and the per-row power-of-two
+rescaling of W that keeps an fp16 second GEMM from underflowing (``_rescale_rows``)."""
 
 import triton
 import triton.language as tl
@@ -92,3 +93,29 @@ def _pairwise_weight(
     else:
         w += tl.load(g_ptr).to(tl.float32) * (_sigmoid(z) - pos)
     return tl.where(mask_m[:, None] & mask_n[None, :], w, 0.0)
+
+
+@triton.jit
+def _rescale_rows(w, acc, row_log2):
+    """Online per-row power-of-two rescale of W before ``tl.dot(w.to(fp16), c, acc)``.
+
+    fp16 W underflows once |W| < 2^-24 (W ~ 1/(2 b N) at batch b and N columns: b = N = 4096 is enough),
+    so each row of W is scaled to max |W| <= 2^14 and the fp32 accumulator carries the same row scale,
+    raised as larger tiles arrive (as flash attention raises its running max). ``row_log2`` [BLOCK_M]
+    is the running log2 of the row's scale (start at -126); unscale the result with ``_unscale_rows``.
+    Returns (scaled w, rescaled acc, new row_log2).
+    """
+    w_max = tl.max(tl.abs(w), axis=1)
+    tile_log2 = tl.ceil(tl.log2(tl.maximum(w_max, 1e-30)))
+    new_log2 = tl.maximum(row_log2, tile_log2)
+    acc = acc * tl.exp2(row_log2 - new_log2)[:, None]
+    # Scaled row max |W| <= 2^14: below fp16's largest finite value (65504 < 2^16), so values down to
+    # 2^-28 of the row max stay in fp16's normal range (smallest normal 2^-14).
+    w = w * tl.exp2(14.0 - new_log2)[:, None]
+    return w, acc, new_log2
+
+
+@triton.jit
+def _unscale_rows(acc, row_log2):
+    """The true W @ C from an accumulator of row-scaled W (see ``_rescale_rows``)."""
+    return acc * tl.exp2(row_log2 - 14.0)[:, None]

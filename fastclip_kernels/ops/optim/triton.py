@@ -4,8 +4,10 @@ Same contract as ``reference.py`` (read it for the math). A device-resident int6
 row per tensor, [param, grad, exp_avg, exp_avg_sq, master or 0, step, numel] (addresses), and a
 chunk list of (tensor index, start); program ``pid`` updates BLOCK elements of one chunk, loading
 its pointers from the table. No host synchronization: steps, lr (optionally), the clip coefficient
-and LAMB's trust ratios are read from device memory. Norms use per-chunk partial sums reduced with
-``index_add_`` (no atomics in the kernels).
+and LAMB's trust ratios are read from device memory. Norms use per-chunk partial sums (no atomics in
+the kernels). Determinism: ``global_grad_norm`` reduces its partials with ``sum`` in a fixed order
+(bitwise reproducible); LAMB's per-tensor norms reduce theirs with ``index_add_``, which uses atomicAdd
+on CUDA, so LAMB's trust ratios (and hence its updates) are not bitwise reproducible across CUDA runs.
 
 Bytes per element and step (fp32 params): AdamW reads p, g, m, v and writes p, m, v (28 B); LAMB
 adds a second pass reading p, m, v and writing p (44 B).
@@ -212,7 +214,7 @@ def global_grad_norm(grads) -> torch.Tensor:
     """0-d fp32 L2 norm over all gradients (one launch per gradient dtype), on their device."""
     device = grads[0].device
     total = torch.zeros((), device=device, dtype=torch.float32)
-    for dtype in {g.dtype for g in grads}:
+    for dtype in sorted({g.dtype for g in grads}, key=str):  # a fixed order: the fp32 sum is reproducible
         bucket = [g for g in grads if g.dtype == dtype]
         block = _block(device)
         none = [None] * len(bucket)
