@@ -5,8 +5,11 @@ masking and random text masking.
 
 Both paths are fp32 and the model casts its features to fp32, so there is no fp64 reference of the
 whole step here (each kernel's 2x-rule test against fp64 lives in its own tests/test_<op>.py); the two
-fp32 paths must agree to a relative 2e-4 of each tensor's size (measured: ~1e-6 for the losses, ~2e-6
-for the parameters).
+fp32 paths must agree: losses to a relative 2e-4, parameters to 2e-4 of each tensor's size plus 1 % of
+one step's learning rate (Adam's m / sqrt(v) turns the fp32 rounding of a near-zero gradient into up to
+an lr-sized update; measured max differences ~2e-6 with lr 1e-3, on a busy machine).
+The optimizer's Triton block is raised to its GPU value (1024) here: at the interpreter's 64 the two
+steps take minutes, 80 % of it in the optimizer.
 """
 
 import pytest
@@ -15,6 +18,7 @@ from helpers import assert_rel_close
 from tiny_step import MODES, tiny_batch, tiny_cfg, tiny_parts, tiny_tokenizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastclip_kernels.ops.optim.triton as optim_triton
 from fastclip_kernels.ops.common import interpreting
 from training import build
 from training.config import ConfigError
@@ -55,14 +59,17 @@ def _two_steps(cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_kernels_match_the_cpu_path(monkeypatch, mode):
-    cpu_loss, cpu_params, _ = _two_steps(tiny_cfg(monkeypatch, mode))
+    # the optimizer's interpreter block (64) makes ~600 programs per launch here: 80 % of the run time
+    monkeypatch.setattr(optim_triton, "_block", lambda device: 1024)
+    cfg = tiny_cfg(monkeypatch, mode)
+    cpu_loss, cpu_params, _ = _two_steps(cfg)
     gpu_loss, gpu_params, ops = _two_steps(tiny_cfg(monkeypatch, mode, "--train.kernels", "triton"))
     assert set(ops) == MODEL_OPS | LOSS_OPS[mode], sorted(ops)
     assert all(backends <= {"triton"} for backends in ops.values()), ops
     assert_rel_close(f"{mode} losses", gpu_loss, cpu_loss, rtol=2e-4)
     assert cpu_params.keys() == gpu_params.keys()
     for name, want in cpu_params.items():
-        assert_rel_close(f"{mode} {name}", gpu_params[name], want, rtol=2e-4, atol=1e-7)
+        assert_rel_close(f"{mode} {name}", gpu_params[name], want, rtol=2e-4, atol=1e-2 * cfg.optim_lr)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -13,6 +13,7 @@ take a CPU tensor.
 
 import pytest
 import torch
+from host_reads import HostReads
 from tiny_step import MODES, tiny_batch, tiny_cfg, tiny_parts
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -74,3 +75,27 @@ def test_temperature_rules_on_meta(monkeypatch, schedule):
     model, _, opt = _meta_step(cfg)
     lrs = [g["lr"] for g in opt.param_groups if "fastclip_lr_tau" in g]
     assert len(lrs) == 1 and lrs[0].device.type == "meta"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_step_reads_nothing_back(monkeypatch, mode):
+    """The GPU path of two loop steps (TrainStep: CLIPA masks, towers, loss, FiniteWatch, optimizer,
+    temperature rules) reads no device value back: the tokenizer's lengths and the CLIPA masks are the
+    host's own CPU tensors and do not count; a read of a meta tensor does (and then raises)."""
+    cfg = tiny_cfg(monkeypatch, mode)
+    meta = torch.device("meta")
+    model, objective, opt, step = tiny_parts(cfg, meta)
+    with HostReads(device="meta") as reads:
+        for i in range(2):
+            step(tiny_batch(i), i, 1, cfg.optim_lr, 10)
+    assert reads.ops == [], reads.ops
+
+
+def test_the_meta_probe_sees_the_old_finiteness_check(monkeypatch):
+    """The probe must be able to fail: the step's former per-step read (bool(isfinite(loss)))."""
+    cfg = tiny_cfg(monkeypatch, "clip")
+    _, _, _, step = tiny_parts(cfg, torch.device("meta"))
+    monkeypatch.setattr(step.watch, "update", lambda loss, i: bool(torch.isfinite(loss)))
+    with HostReads(device="meta") as reads, pytest.raises(RuntimeError):
+        step(tiny_batch(0), 0, 1, cfg.optim_lr, 10)
+    assert reads.ops[:1] == ["bool"], reads.ops
