@@ -244,7 +244,11 @@ class Run:
                 if self.stage == 1 and self.step >= self.stage1_steps:
                     self._enter_stage2()
                 self.last_lr = self.lr()
-                loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
+                try:
+                    loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
+                except Exception:  # e.g. an argument check of a nan temperature after a non-finite loss
+                    self.watch.check()  # reports the first non-finite loss, if any, as the cause
+                    raise
                 self.step, self.position = self.step + 1, self.position + 1
                 seen, flops, skipped = seen + len(batch.indices), flops + step_flop, skipped + batch.skipped
                 log_now = self.step % cfg.log_every_steps == 0 or self.step == self.total
