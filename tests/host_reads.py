@@ -60,15 +60,21 @@ def _has_bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or [])
 
 
+def _on(device: str, args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type == device for a in args)
+
+
 class _FunctionProbe(TorchFunctionMode):
-    def __init__(self, ops: list):
+    def __init__(self, ops: list, device: str | None = None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.device = ops, device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = HOST_READ_FUNCTIONS.get(func)
-        if name is not None:
+        if self.device is not None and not _on(self.device, args):
+            pass  # a host tensor's read on a dry run of another device (tokenizer lengths, masks)
+        elif name is not None:
             self.ops.append(name)
         elif func is _T.to and _to_cpu(args, kwargs):
             self.ops.append("to(cpu)")
@@ -76,19 +82,24 @@ class _FunctionProbe(TorchFunctionMode):
 
 
 class _DispatchProbe(TorchDispatchMode):
-    def __init__(self, ops: list):
+    def __init__(self, ops: list, device: str | None = None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.device = ops, device
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.device is not None and not _on(self.device, torch.utils._pytree.tree_leaves((args, kwargs))):
+            return func(*args, **kwargs)
         opdef = OPDEFS.get(func._schema.name)
         if opdef is not None:
             # A torch.library custom op (ours): a mode is off inside its own handler, so run the
             # op's Python implementation under fresh probes to see the host reads inside the op.
-            device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))  # tensor lists too (the optimizers)
+            device = next((a.device.type for a in leaves if isinstance(a, torch.Tensor)), "cpu")
             impl = opdef._backend_fns.get(device, opdef._init_fn)  # private API; torch 2.4+
-            with _FunctionProbe(self.ops), _DispatchProbe(self.ops):
+            if device == "meta" and opdef._abstract_fn is not None:
+                impl = opdef._abstract_fn  # a meta dry run: the op's fake implementation
+            with _FunctionProbe(self.ops, self.device), _DispatchProbe(self.ops, self.device):
                 return impl(*args, **kwargs)
         name = func.overloadpacket.__name__
         if name in HOST_READ_ATEN:
@@ -99,11 +110,16 @@ class _DispatchProbe(TorchDispatchMode):
 
 
 class HostReads:
-    """Context manager; ``ops`` lists every host read seen inside it, in order."""
+    """Context manager; ``ops`` lists every host read seen inside it, in order.
 
-    def __init__(self):
+    ``device="meta"``: a dry run of the GPU step on meta tensors (ops take their GPU dispatch and run
+    their fake implementations); then only Python-level reads of meta tensors count (the host's own CPU
+    tensors, e.g. the tokenizer's lengths, are read freely), and a read raises after it is recorded
+    (meta tensors have no values)."""
+
+    def __init__(self, device: str | None = None):
         self.ops: list[str] = []
-        self._modes = (_FunctionProbe(self.ops), _DispatchProbe(self.ops))
+        self._modes = (_FunctionProbe(self.ops, device), _DispatchProbe(self.ops, device))
 
     def __enter__(self):
         for mode in self._modes:

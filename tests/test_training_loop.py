@@ -11,6 +11,7 @@ from training_helpers import csv_rows, logged_losses, tiny_argv
 from training import checkpoint, train
 from training.config import parse_args
 from training.objective import Objective
+from training.step import FiniteWatch
 
 TINY = tiny_argv(96)
 
@@ -88,6 +89,34 @@ def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
     state = checkpoint.load(os.path.join(cfg.output_path, "latest.pt"))
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert train.main([*TINY, "--run.output_dir", str(tmp_path / "cli"), "--train.max_steps", "3"]) == 2
+
+
+def test_non_finite_loss_stops_at_the_next_log_step(tmp_path, monkeypatch):
+    """The step keeps the check on the device: a nan at step 2 stops the run at the log step 3, naming
+    step 2 (on CPU step 3 may instead fail an argument check of the nan temperature: the loop then
+    reports the non-finite loss too); no checkpoint is written in between (ckpt.every_steps=0)."""
+    cfg = _cfg(tmp_path, "--train.max_steps", "6", "--log.every_steps", "3")
+    real, calls = Objective.loss, []
+
+    def poisoned(self, model, img, txt, indices):
+        calls.append(1)
+        out = real(self, model, img, txt, indices)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(Objective, "loss", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="at step 2;"):
+        train.train(cfg)
+    assert len(calls) == 3, "the run stops at the first log step after the bad one"
+    assert not os.path.exists(os.path.join(cfg.output_path, "latest.pt"))
+
+
+def test_finite_watch_keeps_the_first_bad_step():
+    watch = FiniteWatch()
+    watch.check()  # nothing recorded yet
+    for step, value in enumerate([1.0, float("inf"), float("nan"), 2.0]):
+        watch.update(torch.tensor(value), step)
+    with pytest.raises(train.NonFiniteLoss, match="at step 2;"):
+        watch.check()
 
 
 def test_command_line_entry_point(tmp_path):

@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader
 
 from fastclip_kernels.optim import FusedAdamW, FusedLAMB
 
+from .config import ConfigError
 from .data.datasets import SkipCorrupt
 from .model import param_groups
 from .tokenizer import CaptionTokenizer
 
-__all__ = ["device_of", "loader", "lr_at", "optimizer", "tokenizer"]
+__all__ = ["device_of", "kernels", "loader", "lr_at", "optimizer", "tokenizer"]
 
 
 def loader(dataset, batch_size, workers=0, pin_memory=False):
@@ -52,13 +53,29 @@ def tokenizer(cfg, captions, run_dir):
     return tok
 
 
+def kernels(cfg, device=None) -> str:
+    """The backend every op of the step gets (attention, patch embedding, loss, FastCLIP state update,
+    optimizer): ``train.kernels``, "auto" (Triton on a GPU, PyTorch on a CPU) or "triton" (the GPU
+    kernels everywhere; on a CPU ``device`` through the Triton interpreter, which needs
+    TRITON_INTERPRET=1 in the environment before Triton is imported)."""
+    if cfg.train_kernels == "triton" and device is not None and torch.device(device).type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                "train_kernels='triton' on a CPU device runs the Triton interpreter: start the run with "
+                "TRITON_INTERPRET=1 in the environment (or use train.kernels=auto)"
+            )
+    return cfg.train_kernels
+
+
 def optimizer(cfg, model, objective):
-    """The fused optimizer over ``model``'s groups; the temperature's group as ``objective`` says."""
+    """The fused optimizer over ``model``'s groups; the temperature's group as ``objective`` says;
+    its kernels as ``train.kernels`` says."""
     objective.prepare(model)
     groups = param_groups(model, cfg.optim_weight_decay, lr_tau=objective.own_lr_tau())
     cls = FusedAdamW if cfg.optim_name == "adamw" else FusedLAMB
     clip = cfg.optim_grad_clip if cfg.optim_grad_clip > 0 else None
-    return cls(groups, lr=cfg.optim_lr, betas=tuple(cfg.optim_betas), eps=cfg.optim_eps, max_grad_norm=clip)
+    return cls(groups, lr=cfg.optim_lr, betas=tuple(cfg.optim_betas), eps=cfg.optim_eps, max_grad_norm=clip,
+               impl=getattr(cfg, "train_kernels", "auto"))  # fmt: skip
 
 
 def lr_at(cfg, step, total_steps, peak=None, warmup=None):

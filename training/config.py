@@ -38,6 +38,7 @@ CHOICES = {  # fields with a fixed set of values
     "model_pos_embed": ("learned", "sincos"), "model_text_tower": ("transformer", "adapter"), "loss_mode": ("clip", "siglip", "gcl", "rgcl", "rgcl_g"),
     "loss_lr_tau_schedule": ("step_thresh", "const", "cosine"), "optim_name": ("adamw", "lamb"),
     "train_precision": ("auto", "bf16", "fp32"), "eval_retrieval_split": ("dev", "test", "none"),
+    "train_kernels": ("auto", "triton"),
     "clipa_image_strategy": ("none", "random", "grid", "block", "resize"),
     "clipa_text_strategy": ("none", "truncate", "random", "block", "syntax"),
 }
@@ -123,6 +124,7 @@ class TrainConfig:
     train_max_steps: int | None = _f(None, "Stop after this many steps (smoke tests); none: no limit.")
     train_precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp32.")
     train_compile: bool = _f(False, "torch.compile the model.")
+    train_kernels: str = _f("auto", "Op implementations: auto (Triton on GPU, PyTorch on CPU) or triton (every op of the step on its GPU kernels, on CPU through the Triton interpreter: needs TRITON_INTERPRET=1; slow, for tests).")
     train_activation_checkpointing: bool = _f(False, "Recompute transformer blocks in backward to save memory.")
     clipa_image_strategy: str = _f("none", "Stage-1 image tokens: random, grid (1 per 2x2), block, resize, none.")
     clipa_image_keep: float = _f(0.5, "Stage 1: fraction of patches kept by random / block, in (0, 1].")
@@ -138,7 +140,7 @@ class TrainConfig:
     eval_retrieval_split: str = _f("test", "Split for image<->text retrieval R@1/5/10.")
     eval_batch_size: int = _f(256, "Batch size of evaluation.")
     eval_text_length: int | None = _f(None, "Text length of evaluation; none: the length last trained at.")
-    log_every_steps: int = _f(10, "One log line (and CSV row) every N steps.")
+    log_every_steps: int = _f(10, "One log line (and CSV row) every N steps; the loss is read back only then (a non-finite loss stops the run at the next log, eval or checkpoint step).")
     log_tensorboard: bool = _f(False, "Also write TensorBoard events.")
     log_progress_bar: bool = _f(True, "Show a progress bar on interactive terminals.")
     ckpt_every_steps: int = _f(500, "Save a checkpoint every N steps (0: only at the end).")

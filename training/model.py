@@ -57,10 +57,11 @@ class CLIP(nn.Module):
 
 
 def build_model(cfg, vocab_size: int, text_table: torch.Tensor | None = None) -> CLIP:
-    """The CLIP of ``cfg`` (a TrainConfig): sizes from ``cfg.model_dims()``, attention backend "auto".
+    """The CLIP of ``cfg`` (a TrainConfig): sizes from ``cfg.model_dims()``, attention and patch-embedding
+    backend ``train.kernels`` ("auto", or "triton": the GPU kernels on any device).
     With ``model.text_tower=adapter`` the text tower is LLM2CLIP's adapter over ``text_table``.
     ``model.init`` (e.g. ``hf-vision:DIR``) then loads pretrained towers (:func:`.hf_convert.init_from_hf`)."""
-    d = cfg.model_dims()
+    d, backend = cfg.model_dims(), getattr(cfg, "train_kernels", "auto")
     visual = PackedViT(
         getattr(cfg, "data_image_size", 64),
         d["patch_size"],
@@ -68,7 +69,8 @@ def build_model(cfg, vocab_size: int, text_table: torch.Tensor | None = None) ->
         d["vision_layers"],
         d["vision_heads"],
         d["output_dim"],
-        attn_backend="auto",
+        attn_backend=backend,
+        patch_backend=backend,
         pos_embed=getattr(cfg, "model_pos_embed", "learned"),
     )
     if getattr(cfg, "model_text_tower", "transformer") == "adapter":
@@ -85,7 +87,7 @@ def build_model(cfg, vocab_size: int, text_table: torch.Tensor | None = None) ->
             d["text_layers"],
             d["text_heads"],
             d["output_dim"],
-            attn_backend="auto",
+            attn_backend=backend,
         )
     tau_init, bias_init = temperature_init(cfg)
     model = CLIP(visual, text, tau_init=tau_init, logit_bias_init=bias_init)

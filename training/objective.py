@@ -37,17 +37,18 @@ class Objective:
 
     def __init__(self, cfg, data_size: int, device, rank: int = 0, world_size: int = 1):
         self.mode, self.schedule, self.lr_tau = cfg.loss_mode, cfg.loss_lr_tau_schedule, cfg.loss_lr_tau
+        backend = getattr(cfg, "train_kernels", "auto")  # "triton": the GPU kernels on any device
         if self.mode == "clip":  # K > 1: FastCLIP's low-communication gather, no collective in backward
             kw = {} if world_size == 1 else dict(rank=rank, world_size=world_size, low_comm=True)
-            self.fn = FastContrastiveLoss(**kw)
+            self.fn = FastContrastiveLoss(**kw, backend=backend)
         elif self.mode == "siglip":
-            self.fn = FastSigLipLoss(rank=rank, world_size=world_size)  # K > 1: one no-grad gather
+            self.fn = FastSigLipLoss(rank=rank, world_size=world_size, backend=backend)  # K > 1: one gather
         else:
             self.fn = FastCLIPLoss(
                 data_size, self.mode, rank=rank, world_size=world_size, gamma_min=cfg.loss_gamma_min,
                 gamma_decay_epochs=cfg.loss_gamma_decay_epochs, eps=cfg.loss_eps, rho=cfg.loss_rho,
                 tau_init=cfg.loss_temperature, lr_tau=cfg.loss_lr_tau, betas=tuple(cfg.optim_betas),
-                device=device,
+                device=device, backend=backend,
             )  # fmt: skip
 
     # -- the temperature's parameter group and LR -------------------------------------------------

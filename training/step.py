@@ -26,12 +26,45 @@ from .data.datasets import normalize
 from .monitor import step_flops
 from .seeds import generator
 
-__all__ = ["DeviceBatch", "NonFiniteLoss", "TrainStep", "autocast", "device_images", "pos_table", "reduce_tokens",
-           "to_device"]  # fmt: skip
+__all__ = [
+    "DeviceBatch",
+    "FiniteWatch",
+    "NonFiniteLoss",
+    "TrainStep",
+    "autocast",
+    "device_images",
+    "pos_table",
+    "reduce_tokens",
+    "to_device",
+]
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class FiniteWatch:
+    """The first step whose mean loss was not finite, kept on the device: ``update`` each step (no host
+    read), ``check`` where the loop reads the device anyway (log rows, checkpoints, evaluation, the
+    end): one read, and NonFiniteLoss naming that step. Steps after a non-finite loss still run (their
+    updates may spoil the model in memory); the loop checks before it saves, so no checkpoint holds them.
+    """
+
+    def __init__(self):
+        self.first_bad: torch.Tensor | None = None  # 0-d int64 on the loss's device; 0: none yet
+
+    def update(self, mean_loss: torch.Tensor, step: int) -> None:
+        """Record ``step`` (0-based) if ``mean_loss`` is not finite and no earlier step was."""
+        first = (
+            self.first_bad if self.first_bad is not None else torch.zeros_like(mean_loss, dtype=torch.int64)
+        )
+        self.first_bad = torch.where(torch.isfinite(mean_loss).logical_not() & (first == 0), step + 1, first)
+
+    def check(self) -> None:
+        """Raise NonFiniteLoss if a step so far had a non-finite loss (reads one int back)."""
+        bad = 0 if self.first_bad is None else int(self.first_bad)
+        if bad:
+            raise NonFiniteLoss(f"non-finite loss at step {bad}; last checkpoint kept")
 
 
 class DeviceBatch(NamedTuple):
@@ -93,15 +126,19 @@ def reduce_tokens(cfg, images, ids, lengths, step: int, ranks, patch_size: int, 
 
 class TrainStep:
     """One optimizer step of a run: ``step(batch, step, stage, lr) -> (mean loss over ranks, FLOPs)``.
+    No host read: the loss stays on the device and a non-finite one is recorded in ``watch``
+    (:class:`FiniteWatch`, which the loop checks at its log steps).
 
     Args: cfg (TrainConfig), tok (``encode_batch(texts, L) -> ids, lengths``), net (the model, maybe
     DDP / compiled), model (the bare CLIP), objective (``training.objective.Objective``), optimizer,
-    ranks (``dist.Ranks``), device, pos_rank (syntax masking's table or None).
+    ranks (``dist.Ranks``), device, pos_rank (syntax masking's table or None), watch (a FiniteWatch
+    shared over the run; a new one if None).
     """
 
-    def __init__(self, cfg, tok, net, model, objective, optimizer, ranks, device, pos_rank=None):
+    def __init__(self, cfg, tok, net, model, objective, optimizer, ranks, device, pos_rank=None, watch=None):
         self.cfg, self.tok, self.net, self.model, self.objective = cfg, tok, net, model, objective
         self.opt, self.ranks, self.device, self.pos_rank = optimizer, ranks, device, pos_rank
+        self.watch = watch if watch is not None else FiniteWatch()
         self.patch = cfg.model_dims()["patch_size"]
 
     def __call__(self, batch, step: int, stage: int, lr: float, total_steps: int):
@@ -121,10 +158,7 @@ class TrainStep:
             img, txt = self.net(x.images, x.ids, x.lengths, x.keep_idx)
         loss = self.objective.loss(self.model, img.float(), txt.float(), x.indices)
         mean_loss = dist.mean_over_ranks(loss, self.ranks)
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLoss(
-                f"non-finite loss {mean_loss.item()} at step {step + 1}; last checkpoint kept"
-            )
+        self.watch.update(mean_loss, step)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -9,7 +9,9 @@ optimizer. Stage 2 (``clipa.stage2_epochs``) trains at full tokens; with the res
 position table is interpolated to the full grid first. Rank 0 logs a line and a CSV row every
 ``log.every_steps`` (loss, lr, tau, gamma, samples/s, MFU, peak memory), evaluates zero-shot accuracy
 and retrieval R@1/5/10, checkpoints atomically (with every rank's loss state and RNG) and plots the
-run at the end. Resume is exact; a non-finite loss stops every rank cleanly at that step.
+run at the end. Resume is exact. The step never reads the loss back: a non-finite loss is recorded on the
+device and stops every rank at the next log, evaluation or checkpoint step (naming the first bad step),
+before anything is saved.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .model import build_model
 from .monitor import Monitor, peak_flops, peak_memory_gib
 from .objective import Objective
 from .seeds import stream_seed
-from .step import NonFiniteLoss, TrainStep, autocast, pos_table
+from .step import FiniteWatch, NonFiniteLoss, TrainStep, autocast, pos_table
 
 __all__ = ["NonFiniteLoss", "main", "train"]
 
@@ -61,6 +63,7 @@ class Run:
         if cfg.train_batch_size % K:
             raise ConfigError(f"train_batch_size={cfg.train_batch_size} must be divisible by the {K} ranks")
         self.cfg, self.ranks, self.device = cfg, ranks, ranks.device
+        build.kernels(cfg, self.device)  # train.kernels=triton on a CPU needs the Triton interpreter
         self.local_batch, self.run_dir = cfg.train_batch_size // K, cfg.output_path
         torch.manual_seed(stream_seed(cfg.run_seed, "model_init"))
         os.makedirs(self.run_dir, exist_ok=True)
@@ -90,6 +93,7 @@ class Run:
         if self.stage1_size != cfg.data_image_size:
             self.model.visual.resize_pos_embed(self.stage1_size)
         self.objective = Objective(cfg, self.num_samples, self.device, ranks.rank, K)
+        self.watch = FiniteWatch()  # non-finite losses, on the device; read where the loop syncs anyway
         self._new_optimizer()
         self.steps_per_epoch = max(1, self.num_samples // cfg.train_batch_size)
         self.stage1_steps = max(1, math.ceil(cfg.train_epochs * self.steps_per_epoch))
@@ -113,7 +117,7 @@ class Run:
             net = dist.ddp(net, self.device)
         self.net = torch.compile(net) if self.cfg.train_compile else net
         self.train_step = TrainStep(self.cfg, self.tok, self.net, self.model, self.objective, self.opt,
-                                    self.ranks, self.device, self.pos_rank)  # fmt: skip
+                                    self.ranks, self.device, self.pos_rank, self.watch)  # fmt: skip
 
     # -- schedule --------------------------------------------------------------------------------
     def lr(self) -> float:
@@ -237,20 +241,31 @@ class Run:
                 if self.stage == 1 and self.step >= self.stage1_steps:
                     self._enter_stage2()
                 self.last_lr = self.lr()
-                loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
+                try:
+                    loss, step_flop = self.train_step(batch, self.step, self.stage, self.last_lr, self.total)
+                except Exception:  # e.g. an argument check of a nan temperature after a non-finite loss
+                    self.watch.check()  # reports the first non-finite loss, if any, as the cause
+                    raise
                 self.step, self.position = self.step + 1, self.position + 1
                 seen, flops, skipped = seen + len(batch.indices), flops + step_flop, skipped + batch.skipped
-                monitor.advance()  # no host read: the loss is read back at logging steps only
-                if self.step % cfg.log_every_steps == 0 or self.step == self.total:
+                log_now = self.step % cfg.log_every_steps == 0 or self.step == self.total
+                eval_now = cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0
+                save_now = self.step == stop_at or (
+                    cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0
+                )
+                if log_now or eval_now or save_now:  # the loss's one read back: stop before logging or saving
+                    self.watch.check()
+                monitor.advance()  # no host read: the bar shows the loss logged at log steps
+                if log_now:
                     elapsed = time.perf_counter() - tic
                     skipped = dist.sum_over_ranks(skipped, self.ranks)  # all ranks, since the last row
                     monitor.log(self._row(loss, seen / elapsed, flops / elapsed, skipped))
                     skipped = 0
                     tic, seen, flops = time.perf_counter(), 0, 0.0
-                if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total:
+                if eval_now and self.step < self.total:
                     monitor.eval(self.evaluate())
                     tic, seen, flops = time.perf_counter(), 0, 0.0
-                if self.step == stop_at or (cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0):
+                if save_now:
                     self.save()
                 if self.step == stop_at:
                     monitor.close(plot=False)
