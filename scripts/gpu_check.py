@@ -87,7 +87,7 @@ STAGES = (
                      covers=("contrastive", "sigmoid", "anchor", "attention", "patch_embed", "optim", "fastclip",
                              "packed")),), shards=6),
     Stage("benchmarks", 110, "headline shapes, peers side by side: loss, varlen attention, optimizer, B/16 step", (
-        Selection("loss", "benchmarks", keyword="contrastive_loss_gpu and fwd+bwd and not inf_cl", budget_s=50,
+        Selection("loss", "benchmarks", keyword="contrastive_loss_gpu and fwd+bwd and not inf_cl", budget_s=45,
                   covers=("b4096-N32768", "b8192-N65536", "b32768-N32768", "materialized", "compiled", "fastclip")),
         Selection("attention", "benchmarks", budget_s=25,
                   keyword="varlen_attention_gpu and fwd+bwd and (ours or torch_varlen or sdpa_padded or torch_nested)",
