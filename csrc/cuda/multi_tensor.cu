@@ -26,6 +26,8 @@
 #include "multi_tensor.h"
 
 namespace fastclip {
+
+int cuda_runtime_version() { return CUDART_VERSION; }
 namespace {
 
 constexpr int kThreads = 512;

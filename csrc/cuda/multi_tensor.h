@@ -7,6 +7,8 @@
 
 namespace fastclip {
 
+int cuda_runtime_version();  // CUDART_VERSION the library was compiled against, e.g. 13000
+
 void multi_tensor_sq_norm_cuda(std::uintptr_t table_ptr, int64_t num_tensors, int64_t num_chunks,
                                int64_t chunk_size, int dtype_code, std::uintptr_t out_ptr,
                                std::uintptr_t stream);
