@@ -148,11 +148,34 @@ def run_all(out: pathlib.Path, total_s: float, only: set[str] | None = None) -> 
 
 # -- dry run -----------------------------------------------------------------------------------------
 def blocked_env(folder: pathlib.Path) -> dict:
-    """The environment with every MISSING_ON_GPU module shadowed by one that raises ImportError."""
-    for name in MISSING_ON_GPU:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    """The environment with every MISSING_ON_GPU module absent, as it is on the GPU machine.
+
+    A ``sitecustomize`` on PYTHONPATH wraps the path finder so that these names are not found: imports
+    raise ModuleNotFoundError and ``importlib.util.find_spec`` returns None, exactly as for a package that
+    is not installed (libraries such as transformers probe with ``find_spec`` before importing; a
+    shadow package that raises on import would look installed to them and break them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(ABSENT_MODULES.format(names=sorted(MISSING_ON_GPU)))
     return {**st.Window(folder, 0).env, "PYTHONPATH": st.pythonpath(str(folder), str(ROOT))}
+
+
+ABSENT_MODULES = """\
+import importlib.machinery
+import sys
+
+_ABSENT = frozenset({names!r})
+
+
+class _PathFinderWithout(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in _ABSENT:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_PathFinderWithout if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
 
 
 def check_selection(sel: Selection, env: dict) -> list[str]:

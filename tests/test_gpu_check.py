@@ -61,7 +61,17 @@ def test_dry_run_blocks_what_the_gpu_machine_lacks(tmp_path):
     (tmp_path / "eager.py").write_text("import webdataset\n")
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     out = subprocess.run([sys.executable, "-c", "import eager"], env=env, capture_output=True, text=True)
-    assert out.returncode == 1 and "webdataset is not on the GPU machine" in out.stderr
+    assert out.returncode == 1 and "ModuleNotFoundError: No module named 'webdataset'" in out.stderr
+
+
+def test_dry_run_absent_modules_look_uninstalled(tmp_path):
+    """Libraries probe optional packages with find_spec (transformers does for flash_attn) and must see
+    None, as on the GPU machine; a shadow package that raised on import looked installed and broke them."""
+    env = gpu_check.blocked_env(tmp_path / "blocked")
+    probe = "import importlib.util as u; print([u.find_spec(n) for n in ('webdataset', 'flash_attn', 'json')])"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("[None, None, ModuleSpec(name='json'"), out.stdout
 
 
 def test_dry_run_of_the_training_stage():
