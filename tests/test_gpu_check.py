@@ -68,7 +68,9 @@ def test_dry_run_absent_modules_look_uninstalled(tmp_path):
     """Libraries probe optional packages with find_spec (transformers does for flash_attn) and must see
     None, as on the GPU machine; a shadow package that raised on import looked installed and broke them."""
     env = gpu_check.blocked_env(tmp_path / "blocked")
-    probe = "import importlib.util as u; print([u.find_spec(n) for n in ('webdataset', 'flash_attn', 'json')])"
+    probe = (
+        "import importlib.util as u; print([u.find_spec(n) for n in ('webdataset', 'flash_attn', 'json')])"
+    )
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("[None, None, ModuleSpec(name='json'"), out.stdout
