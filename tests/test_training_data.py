@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from training.config import data_home
 from training.data import (
     CaptionFolderDataset,
     GlobalIndexSampler,
@@ -20,12 +21,11 @@ from training.data import (
     SyntheticZeroShot,
     VeCLIPMixer,
     WithCaptionChoice,
-    default_data_root,
     write_shards,
 )
 from training.data.synthetic import COLORS, SHAPES
 
-DATA = Path(default_data_root())
+DATA = Path(data_home())
 FLICKR = DATA / "flickr8k"
 CIFAR = DATA / "cifar10_test"
 

@@ -10,7 +10,6 @@ from .datasets import (
     ImageTransform,
     ShardDataset,
     SkipCorrupt,
-    default_data_root,
     normalize,
     write_shards,
 )
@@ -32,7 +31,6 @@ __all__ = [
     "SyntheticZeroShot",
     "VeCLIPMixer",
     "WithCaptionChoice",
-    "default_data_root",
     "normalize",
     "write_shards",
 ]

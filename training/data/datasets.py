@@ -37,11 +37,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
-def default_data_root() -> str:
-    """The data location: $FASTCLIP_DATA, else ../shared/data (this project's layout)."""
-    return os.environ.get("FASTCLIP_DATA", "../shared/data")
-
-
 def decode_image(data: bytes | str | Path) -> Image.Image:
     """Decode an encoded image (bytes or a path) to an RGB PIL image, forcing the full decode now."""
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)

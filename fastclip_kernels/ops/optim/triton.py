@@ -170,8 +170,16 @@ _CACHE: dict = {}
 _CACHE_SIZE = 16
 
 
-def _block(device: torch.device) -> int:
-    return 64 if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" else 1024
+INTERPRETER_PROGRAMS = 256  # about this many programs per launch under the interpreter
+
+
+def _block(device: torch.device, numels) -> int:
+    """Elements per program: 1024 on a GPU. The interpreter runs programs one after another in Python,
+    so there the block grows with the total size (powers of two from 64) to keep the program count near
+    ``INTERPRETER_PROGRAMS``: tiny test tensors still span several chunks, a model's step stays fast."""
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return 1024
+    return max(64, triton.next_power_of_2(-(-sum(numels) // INTERPRETER_PROGRAMS)))
 
 
 def _log(beta: float) -> float:
@@ -216,7 +224,7 @@ def global_grad_norm(grads) -> torch.Tensor:
     total = torch.zeros((), device=device, dtype=torch.float32)
     for dtype in sorted({g.dtype for g in grads}, key=str):  # a fixed order: the fp32 sum is reproducible
         bucket = [g for g in grads if g.dtype == dtype]
-        block = _block(device)
+        block = _block(device, [g.numel() for g in bucket])
         none = [None] * len(bucket)
         table, chunks, _ = _tables(
             (none, bucket, none, none, none, none), [g.numel() for g in bucket], device, block
@@ -249,7 +257,7 @@ def adamw_(
     grad_scale=None,
 ):
     """One AdamW step over all tensors (one dtype, one device) in a single launch."""
-    device, block = params[0].device, _block(params[0].device)
+    device, block = params[0].device, _block(params[0].device, [p.numel() for p in params])
     table, chunks, _ = _tables(*_columns(params, grads, exp_avgs, exp_avg_sqs, masters, steps), device, block)
     lr_ptr, lr_value, lr_from_ptr = _lr_args(lr, device)
     _adamw_kernel[(chunks.shape[0],)](
@@ -265,7 +273,7 @@ def lamb_(
     bias_correction=True, grad_averaging=True, use_trust_ratio=True, grad_scale=None,
 ):  # fmt: skip
     """One LAMB step: stage 1 (moments, per-tensor norms), trust ratios, stage 2 (update)."""
-    device, block = params[0].device, _block(params[0].device)
+    device, block = params[0].device, _block(params[0].device, [p.numel() for p in params])
     table, chunks, owner = _tables(
         *_columns(params, grads, exp_avgs, exp_avg_sqs, masters, steps), device, block
     )
