@@ -227,7 +227,22 @@ def test_tag_rank_and_bad_table(tmp_path):
             tk.build_syntax_rank(["cat</w>", "sat</w>"], tagger)
 
 
-@pytest.mark.parametrize("tagger,hint", [("nltk", "pip install nltk"), ("spacy", "pip install spacy")])
+def test_syntax_table_from_the_lemminflect_lexicon():
+    """The offline tagger: content words get their lexicon's first reading, function words OTHER."""
+    pytest.importorskip("lemminflect")
+    vocab = ["<|startoftext|>", "dog</w>", "red</w>", "climbing</w>", "the</w>", "of</w>", "##s"]
+    got = tk.build_syntax_rank(vocab, "lemminflect").tolist()
+    assert got == [tk.OTHER, tk.NOUN, tk.ADJ, tk.VERB, tk.OTHER, tk.OTHER, tk.OTHER]
+
+
+@pytest.mark.parametrize(
+    "tagger,hint",
+    [
+        ("nltk", "pip install nltk"),
+        ("spacy", "pip install spacy"),
+        ("lemminflect", "pip install lemminflect"),
+    ],
+)
 def test_missing_tagger_dependency(tagger, hint, monkeypatch):
     monkeypatch.setitem(sys.modules, tagger, None)  # import fails as if not installed
     with pytest.raises(ImportError, match=hint):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from training.config import data_home
+from training.config import ConfigError, data_home
 from training.data import (
     CaptionFolderDataset,
     GlobalIndexSampler,
@@ -23,6 +23,7 @@ from training.data import (
     WithCaptionChoice,
     write_shards,
 )
+from training.data.captions import alt_and_enriched, alt_text
 from training.data.synthetic import COLORS, SHAPES
 
 DATA = Path(data_home())
@@ -184,6 +185,34 @@ def test_veclip_mixing_probability():
     assert all(VeCLIPMixer(p=1.0)(["alt", "rich"], i) == "rich" for i in range(200))
     with pytest.raises(ValueError, match="p must"):
         VeCLIPMixer(p=1.5)
+
+
+def test_alt_text_and_the_veclip_pair():
+    assert alt_text("A dog is running on the grass .") == "dog running grass"
+    assert alt_text("The.") == "The."  # nothing left: the caption itself
+    caps = ["A black dog runs through the tall green grass .", "A dog runs .", "Dog in a field ."]
+    assert alt_and_enriched(caps) == ["dog runs", caps[0]]  # shortest: first of the 3-word ties
+    with pytest.raises(ValueError, match="captions must"):
+        alt_and_enriched([])
+
+
+@pytest.mark.skipif(not FLICKR.is_dir(), reason=f"Flickr8k not found at {FLICKR} (set FASTCLIP_DATA)")
+def test_alt_enriched_view_of_flickr8k_training_captions():
+    """Training items carry [alt-text, longest caption]; the tokenizer trains on those; test keeps 5."""
+    from training.config import parse_args
+    from training.data.sources import train_dataset
+
+    cfg = parse_args(["--preset", "flickr8k", "--data.train_captions", "alt-enriched"])
+    ds, captions = train_dataset(cfg)
+    plain, _ = train_dataset(parse_args(["--preset", "flickr8k"]))
+    assert len(ds) == len(plain) and len(captions) == 2 * len(ds)
+    for i in (0, 17, len(ds) - 1):
+        alt, enriched = ds.captions[i]
+        assert enriched == max(plain.captions[i], key=lambda c: len(c.split()))
+        assert alt == alt_text(min(plain.captions[i], key=lambda c: len(c.split())))
+        assert len(alt.split()) < len(enriched.split())
+    with pytest.raises(ConfigError, match="data_train_captions"):
+        parse_args(["--preset", "demo", "--data.train_captions", "alt-enriched"])
 
 
 def test_caption_choice_in_dataset():

@@ -34,7 +34,8 @@ MODEL_SIZES = {
 # fmt: off
 CHOICES = {  # fields with a fixed set of values
     "run_device": ("auto", "cpu", "cuda"), "data_kind": ("synthetic", "flickr8k", "csv", "shards"),
-    "data_caption_sampling": ("none", "laclip", "veclip"), "model_size": tuple(MODEL_SIZES),
+    "data_caption_sampling": ("none", "laclip", "veclip"), "data_train_captions": ("as-given", "alt-enriched"),
+    "model_size": tuple(MODEL_SIZES), "clipa_syntax_tagger": ("lemminflect", "nltk", "spacy"),
     "model_pos_embed": ("learned", "sincos"), "model_text_tower": ("transformer", "adapter"), "loss_mode": ("clip", "siglip", "gcl", "rgcl", "rgcl_g"),
     "loss_lr_tau_schedule": ("step_thresh", "const", "cosine"), "optim_name": ("adamw", "lamb"),
     "train_precision": ("auto", "bf16", "fp32"), "eval_retrieval_split": ("dev", "test", "none"),
@@ -93,6 +94,7 @@ class TrainConfig:
     data_num_workers: int = _f(2, "Data loader worker processes (0: load in the main process).")
     data_cache_images: bool = _f(True, "flickr8k / csv: decode every training image once into memory (uint8, data.image_size).")
     data_caption_sampling: str = _f("none", "Several captions per image: none (first), laclip (uniform), veclip (mix).")
+    data_train_captions: str = _f("as-given", "flickr8k / csv training captions: as-given, or alt-enriched (a VeCLIP stand-in: [keyword alt-text of the shortest caption, the longest caption]; evaluation keeps the given captions).")
     data_veclip_p: float = _f(0.5, "VeCLIP: probability of the enriched caption instead of the alt-text.")
     data_tokenizer: str = _f("", "tokenizer.json to load; empty: train one on the training captions.")
     data_vocab_size: int = _f(4096, "Vocabulary size when training the tokenizer.")
@@ -131,7 +133,8 @@ class TrainConfig:
     clipa_image_resize: int = _f(32, "Stage 1: image side in pixels for the resize strategy.")
     clipa_text_strategy: str = _f("none", "Stage-1 text tokens: truncate, random, block, syntax, none.")
     clipa_text_length: int = _f(16, "Stage 1: text length in tokens, SOT and EOT included.")
-    clipa_pos_table: str = _f("", "Syntax masking: saved POS rank table; empty: built with NLTK at start.")
+    clipa_pos_table: str = _f("", "Syntax masking: saved POS rank table; empty: built at start with clipa.syntax_tagger.")
+    clipa_syntax_tagger: str = _f("lemminflect", "Syntax masking: tagger of the POS rank table (lemminflect: offline lexicon from the package index; nltk / spacy need their tagger data).")
     clipa_stage2_epochs: float = _f(0.0, "Stage 2: epochs at full resolution and text length (0: no stage 2).")
     clipa_stage2_lr: float | None = _f(None, "Stage 2 peak LR (own cosine; warmup min(optim.warmup_steps, 10% of stage 2)); none: one schedule.")
     clipa_stage2_interp_pos_embed: bool = _f(True, "Stage 2: interpolate position embeddings (else re-init).")
@@ -203,6 +206,8 @@ class TrainConfig:
             ("data_path", c.data_kind == "synthetic" or bool(c.data_path), f"needed for data_kind={c.data_kind}"),
             ("data_image_size", c.data_image_size > 0 and c.data_image_size % patch == 0,
              f"must be a positive multiple of the patch size ({patch})"),
+            ("data_train_captions", c.data_train_captions == "as-given" or c.data_kind in ("flickr8k", "csv"),
+             "alt-enriched needs data_kind flickr8k or csv"),
             ("optim_min_lr", 0 <= c.optim_min_lr <= c.optim_lr, "must be in [0, optim_lr]"),
             ("data_text_embeddings", c.model_text_tower != "adapter" or bool(c.data_text_embeddings),
              "needed for model_text_tower=adapter"),

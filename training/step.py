@@ -170,7 +170,7 @@ class TrainStep:
 
 def pos_table(cfg, tokenizer, run_dir: str, is_main: bool = True):
     """The POS rank table [vocab] for syntax masking (None for other strategies): ``clipa.pos_table``
-    if given, else the run's saved one, else built with NLTK by rank 0 and saved to the run."""
+    if given, else the run's saved one, else built with ``clipa.syntax_tagger`` by rank 0 and saved to the run."""
     if cfg.clipa_text_strategy != "syntax":
         return None
     path = cfg.clipa_pos_table or os.path.join(run_dir, "pos_rank.pt")
@@ -179,7 +179,7 @@ def pos_table(cfg, tokenizer, run_dir: str, is_main: bool = True):
             raise FileNotFoundError(f"clipa.pos_table: no file {cfg.clipa_pos_table}")
         if not is_main:
             raise FileNotFoundError(f"{path}: rank 0 should have written it")
-        save_syntax_rank(build_syntax_rank(tokenizer.vocab(), tagger="nltk"), path)
+        save_syntax_rank(build_syntax_rank(tokenizer.vocab(), tagger=cfg.clipa_syntax_tagger), path)
     table = load_syntax_rank(path)
     if table.numel() != tokenizer.vocab_size:
         raise ValueError(

@@ -8,9 +8,12 @@ end-of-word marker ``</w>`` (and WordPiece's ``##``) is stripped first, and spec
 ``<|startoftext|>`` or ``[CLS]`` are ``OTHER``. CLIPA's torch version tags whole words in context
 instead; a per-id table is what makes the masking a sort on the device.
 
-Taggers: ``"nltk"`` (``pip install nltk``, then ``python -m nltk.downloader
-averaged_perceptron_tagger_eng``), ``"spacy"`` (``pip install spacy``, then ``python -m spacy
-download en_core_web_sm``), or any callable ``word -> tag`` returning a Penn or universal tag.
+Taggers: ``"lemminflect"`` (``pip install lemminflect``: its English lexicon ships in the wheel, so it
+works offline; a word gets the first universal tag the lexicon lists for it, e.g. ``red -> ADJ``,
+``dog -> NOUN``; words it lacks, such as function words, are ``OTHER``), ``"nltk"`` (``pip install
+nltk``, then ``python -m nltk.downloader averaged_perceptron_tagger_eng``), ``"spacy"`` (``pip install
+spacy``, then ``python -m spacy download en_core_web_sm``), or any callable ``word -> tag`` returning a
+Penn or universal tag.
 """
 
 import re
@@ -86,6 +89,17 @@ def _spacy_tags(words: list[str], model: str) -> list[str]:
     return [doc[0].pos_ if len(doc) else "X" for doc in nlp.pipe(words, batch_size=4096)]
 
 
+def _lemminflect_tags(words: list[str]) -> list[str]:
+    try:
+        from lemminflect import getAllLemmas
+    except ImportError as e:
+        raise ImportError(
+            "build_syntax_rank(tagger='lemminflect') needs lemminflect: pip install lemminflect "
+            "(or use tagger='nltk', 'spacy' or a callable word -> tag)"
+        ) from e
+    return [next(iter(getAllLemmas(w)), "X") for w in words]
+
+
 def _callable_tags(words: list[str], tagger: Callable[[str], str]) -> list[str]:
     tags = [tagger(w) for w in words]
     bad = [t for t in tags if not isinstance(t, str)]
@@ -121,8 +135,8 @@ def build_syntax_rank(
     """``[vocab]`` int8 ranks (0 noun, 1 adjective, 2 verb, 3 other), one per token id.
 
     ``vocab``: a list of tokens (index = id) or a dict token -> id (e.g. open_clip's
-    ``SimpleTokenizer().encoder``; ids with no token get ``OTHER``). ``tagger``: ``"nltk"``,
-    ``"spacy"`` or a callable ``word -> tag``. Each distinct word is tagged once.
+    ``SimpleTokenizer().encoder``; ids with no token get ``OTHER``). ``tagger``: ``"lemminflect"``,
+    ``"nltk"``, ``"spacy"`` or a callable ``word -> tag``. Each distinct word is tagged once.
 
     >>> build_syntax_rank(["<|startoftext|>", "cat</w>", "red</w>"], {"cat": "NOUN", "red": "ADJ"}.get).tolist()
     [3, 0, 1]
@@ -134,12 +148,16 @@ def build_syntax_rank(
     distinct = sorted({w for w in words if w})
     if callable(tagger):
         tags = _callable_tags(distinct, tagger)
+    elif tagger == "lemminflect":
+        tags = _lemminflect_tags(distinct)
     elif tagger == "nltk":
         tags = _nltk_tags(distinct)
     elif tagger == "spacy":
         tags = _spacy_tags(distinct, spacy_model)
     else:
-        raise ValueError(f"tagger must be 'nltk', 'spacy' or a callable word -> tag, got {tagger!r}")
+        raise ValueError(
+            f"tagger must be 'lemminflect', 'nltk', 'spacy' or a callable word -> tag, got {tagger!r}"
+        )
     rank_of = {w: tag_rank(t) for w, t in zip(distinct, tags, strict=True)}
     return torch.tensor([rank_of.get(w, OTHER) for w in words], dtype=torch.int8)
 

@@ -16,6 +16,8 @@ the training step pays nothing.
 
 from __future__ import annotations
 
+import re
+
 from torch.utils.data import Dataset
 
 _MASK64 = (1 << 64) - 1
@@ -101,3 +103,31 @@ class WithCaptionChoice(Dataset):
             return None
         image, captions, gidx = item
         return image, self.choose(captions, gidx), gidx
+
+
+# Function words dropped from a caption to make a keyword-like alt-text (articles, auxiliaries, prepositions,
+# conjunctions, pronouns); content words stay in their order.
+ALT_TEXT_STOP_WORDS = frozenset(
+    "a an the is are was were be been being am has have had do does did of in on at to with without and or but "
+    "for from by into onto over under near through while as up down out off its it his her their there this "
+    "that these those who which what some".split()
+)
+
+
+def alt_text(caption: str) -> str:
+    """A short keyword-like stand-in for web alt-text: the caption's lowercased words, punctuation and
+    ``ALT_TEXT_STOP_WORDS`` dropped (``"A dog is running on the grass ." -> "dog running grass"``); the
+    caption itself when nothing is left."""
+    words = [w for w in re.findall(r"[a-z0-9']+", caption.lower()) if w not in ALT_TEXT_STOP_WORDS]
+    return " ".join(words) or caption.strip()
+
+
+def alt_and_enriched(captions: list[str]) -> list[str]:
+    """VeCLIP's caption pair from several human captions: ``[alt_text(shortest), longest]`` (words counted;
+    ties: the first). Flickr8k has no alt-text and no LLM-enriched captions; this stands in for both."""
+    if not captions:
+        raise ValueError("captions must hold at least one caption, got an empty list")
+    n_words = [len(c.split()) for c in captions]
+    shortest = captions[n_words.index(min(n_words))]
+    longest = captions[n_words.index(max(n_words))]
+    return [alt_text(shortest), longest]

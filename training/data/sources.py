@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from ..seeds import data_seed
 from .batches import EpochBatches, ImageCache, TrainBatches, batch_loader
-from .captions import LaCLIPSampler, VeCLIPMixer
+from .captions import LaCLIPSampler, VeCLIPMixer, alt_and_enriched
 from .datasets import CaptionFolderDataset, ImageFolderClasses, ImageTransform, normalize, pil_to_uint8
 from .sampler import GlobalIndexSampler
 from .stream import ShardStream, iter_captions
@@ -57,6 +57,8 @@ def train_dataset(cfg, transform=None):
     elif cfg.data_kind in ("flickr8k", "csv"):
         table, images, split = flickr_paths(cfg, "train")
         ds = CaptionFolderDataset(table, images, split, transform=transform)
+        if cfg.data_train_captions == "alt-enriched":
+            ds.captions = [alt_and_enriched(caps) for caps in ds.captions]
         captions = [c for caps in ds.captions for c in caps]
     else:  # shards: the stream is built per rank by ``shard_stream``
         ds, captions = None, shard_captions(cfg)
