@@ -24,16 +24,46 @@ def _parts(scores):
     )
 
 
-def test_paired_interval_by_hand():
-    arm = [_parts([1, 0]), _parts([1, 0.5])]
-    base = [_parts([0.5, 0]), _parts([0, 0])]
+def test_contrast_interval_by_hand():
+    parts = {("arm", 0): _parts([1, 0]), ("arm", 1): _parts([1, 0.5]),
+             ("base", 0): _parts([0.5, 0]), ("base", 1): _parts([0, 0])}  # fmt: skip
     weights = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
-    got = ex.paired_interval(arm, base, weights)
+    got = ex.contrast_interval(ex.difference("arm", "base"), parts, (0, 1), weights)
     # full set: arm 0.5, 0.75; base 0.25, 0 -> paired diffs 0.25, 0.75 -> 0.5
     # resamples: [2, 0] -> (1-0.5, 1-0) -> 0.75; [0, 2] -> (0-0, 0.5-0) -> 0.25; [1, 1] -> 0.5
     # percentiles (linear) of [0.25, 0.5, 0.75]: 2.5 % -> 0.25 + 0.05 * 0.25, 97.5 % -> 0.5 + 0.95 * 0.25
-    assert got["diff"] == pytest.approx(0.5)
+    assert got["mean"] == pytest.approx(0.5) and got["per_seed"] == pytest.approx({"0": 0.25, "1": 0.75})
     assert got["lo"] == pytest.approx(0.2625) and got["hi"] == pytest.approx(0.7375)
+    assert got["seed_sd"] == pytest.approx(0.5**0.5 / 2) and got["verdict"] == "reproduces"
+    flipped = ex.contrast_interval(ex.difference("base", "arm"), parts, (0, 1), weights)
+    assert flipped["verdict"] == "opposite" and flipped["hi"] == pytest.approx(-0.2625)
+
+
+def test_verdict_needs_every_seed_and_the_interval():
+    assert ex.verdict([0.1, 0.2, 0.3], 0.01, 0.4) == "reproduces"
+    assert ex.verdict([0.1, -0.01, 0.3], 0.01, 0.4) == "not shown"  # one seed disagrees
+    assert ex.verdict([0.1, 0.2, 0.3], -0.01, 0.4) == "not shown"  # the interval includes 0
+    assert ex.verdict([-0.1, -0.2, -0.3], -0.4, -0.01) == "opposite"
+
+
+def test_contrast_formulas():
+    s = {k: torch.tensor([v], dtype=torch.float64) for k, v in dict(a=0.4, b=0.3, c=0.2, d=0.25).items()}
+    assert float(ex.difference("a", "b").value(s)) == pytest.approx(0.1)
+    # (c - d) - (a - b) = -0.05 - 0.1
+    assert float(ex.gap_growth("a", "b", "c", "d", "").value(s)) == pytest.approx(-0.15)
+    # a / b - c / d = 4/3 - 0.8
+    assert float(ex.share_gap("a", "b", "c", "d", "").value(s)) == pytest.approx(4 / 3 - 0.8)
+
+
+def test_declared_experiments_parse():
+    """Every arm of every declared experiment is a valid configuration; contrasts name real arms."""
+    from training.config import parse_args
+
+    for name, exp in ex.EXPERIMENTS.items():
+        for extra in exp.arms.values():
+            parse_args([*exp.base, *extra, "--run.seed", "0"])
+        for c in exp.contrasts:
+            assert set(c.arms) <= set(exp.arms), (name, c.name)
 
 
 def test_per_image_score_matches_the_recalls():
@@ -55,25 +85,33 @@ def test_per_image_score_matches_the_recalls():
 def test_tiny_grid_runs_reports_and_resumes(tmp_path, monkeypatch):
     base = (*tiny_argv(64), "--train.max_steps", "2", "--log.progress_bar", "false")
     exp = ex.Experiment(base=base, arms={"a": ("--optim.lr", "1e-3"), "b": ("--optim.lr", "3e-3")},
-                        seeds=(0, 1), baseline="a")  # fmt: skip
+                        seeds=(0, 1), contrasts=(ex.difference("b", "a"),))  # fmt: skip
     monkeypatch.setitem(ex.EXPERIMENTS, "tiny", exp)
-    rep = ex.run("tiny", str(tmp_path))
-    root = tmp_path / "tiny"
-    assert {f for f in os.listdir(root) if f.startswith("report")} == {
-        "report.json",
-        "report.md",
-        "report.png",
-    }
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    first = ex.run("tiny", runs, results, arms=["a"], seeds=[0])  # one run of the grid
+    assert first["contrasts"][0]["verdict"] == "pending" and first["arms"][0]["seeds_done"] == [0]
+    rep = ex.run("tiny", runs, results)
+    folder = tmp_path / "results" / "tiny"
+    assert sorted(os.listdir(folder)) == ["a-s0.json", "a-s1.json", "b-s0.json", "b-s1.json", "report.json",
+                                          "report.md", "report.png"]  # fmt: skip
     for row in rep["arms"]:
         for seed, score in row["per_seed"].items():
-            with open(root / f"{row['arm']}-s{seed}" / "metrics.json") as f:
+            with open(tmp_path / "runs" / "tiny" / f"{row['arm']}-s{seed}" / "metrics.json") as f:
                 m = json.load(f)
             assert score == pytest.approx(sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)) / 6)
-    b = rep["arms"][1]["vs_baseline"]
-    assert b["lo"] <= b["hi"] and "vs a" in (root / "report.md").read_text()
+    c = rep["contrasts"][0]
+    assert c["lo"] <= c["mean"] <= c["hi"] and c["verdict"] in ("reproduces", "opposite", "not shown")
+    assert "b - a" in (folder / "report.md").read_text()
 
     def no_training(cfg):
         raise AssertionError(f"finished run {cfg.run_name} trained again")
 
-    again = ex.run("tiny", str(tmp_path), train_fn=no_training)
-    assert json.dumps(again["arms"]) == json.dumps(rep["arms"])
+    again = ex.run("tiny", runs, results, train_fn=no_training)
+    assert json.dumps(again) == json.dumps(rep)
+    # the records alone reproduce the report (the run folders are not committed)
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    assert json.dumps(ex.run("tiny", runs, results, report_only=True)) == json.dumps(rep)
+    with pytest.raises(ValueError, match="arms"):
+        ex.run("tiny", runs, results, arms=["c"])

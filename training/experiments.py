@@ -1,70 +1,232 @@
-"""Experiment runner: ``python -m training.experiments <name> [--out runs/experiments] [--report-only]``.
+"""Experiment runner: ``python -m training.experiments NAME [--out runs/experiments] [--results DIR]``.
 
-An experiment is a declared grid of arms (command-line overrides of one base) x seeds. Each run goes to
-``<out>/<name>/<arm>-s<seed>`` and is skipped when its ``metrics.json`` exists (resumable). The report
-scores every run by the mean of the six retrieval recalls (R@1/5/10, image->text and text->image) of
-its final saved test-set embeddings, gives each arm's mean over seeds and, for every other arm, the
-mean paired difference to the baseline arm (paired by seed) with a 95 % bootstrap interval: test
-images are resampled with replacement (each image's captions follow it; ranks stay those of the full
-gallery), the same resamples for every run, and the interval is the 2.5 / 97.5 percentiles of the
-resampled mean difference. Written: ``report.json``, ``report.md`` (a markdown table), ``report.png``.
+An experiment is a declared grid of arms (command-line overrides of one base) x seeds, and the papers'
+claims about it as *contrasts*: functions of the arms' scores that are > 0 when the claim holds. Each run
+trains in ``<out>/<name>/<arm>-s<seed>`` and leaves a small record in ``<results>/<name>/<arm>-s<seed>.json``
+(default ``benchmarks/results/experiments``, committed): its arguments, wall time, final metrics and the
+per-test-image retrieval hits that every interval is computed from. A run whose record exists is skipped
+(resumable across machines and sessions: commit the records).
 
-    python -m training.experiments miniatures            # the Flickr8k miniature arms, 3 seeds
+Score of a run: the mean of the six retrieval recalls (R@1/5/10, image->text and text->image) on the
+Flickr8k test split, at the resolution and text length the run was last trained at. Per arm: the mean over
+seeds. Per contrast: its value on each seed (paired by seed), their mean, and a 95 % bootstrap interval of
+that mean: test images are resampled with replacement (each image's captions follow it; ranks stay those
+of the full gallery), the same resamples for every run, and the interval is the 2.5 / 97.5 percentiles.
+Verdict: "reproduces" when the contrast is > 0 on every seed and the interval excludes 0, "opposite" when
+it is < 0 on every seed and the interval excludes 0, else "not shown". The bootstrap covers the test
+sample; the seeds cover training noise only through the every-seed sign rule (3 seeds are too few for a
+useful interval over seeds; their spread is reported). Written next to the records: ``report.json``,
+``report.md`` (markdown tables), ``report.png``. Contrasts whose arms are not all finished are "pending".
+
+    python -m training.experiments fastclip            # rgcl_g vs clip at two batch sizes, 3 seeds
+    python -m training.experiments laclip --arms laclip --seeds 0   # one run of the grid
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["EXPERIMENTS", "Experiment", "bootstrap_weights", "paired_interval", "per_image_score", "run"]
+__all__ = [
+    "EXPERIMENTS",
+    "Contrast",
+    "Experiment",
+    "bootstrap_weights",
+    "contrast_interval",
+    "difference",
+    "gap_growth",
+    "per_image_score",
+    "run",
+    "share_gap",
+    "verdict",
+]
 
 KS = (1, 5, 10)
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                       "experiments")  # fmt: skip
 
-_MINI = ["--preset", "flickr8k", "--train.epochs", "8", "--clipa.stage2_epochs", "0", "--eval.every_steps", "0",
-         "--eval.zeroshot_path", "", "--log.progress_bar", "false"]  # fmt: skip
+
+@dataclass(frozen=True)
+class Contrast:
+    """A claim as a function of the arms' scores: ``value({arm: score [R]}) -> [R]``, > 0 when it holds."""
+
+    name: str
+    claim: str
+    arms: tuple[str, ...]
+    value: Callable[[dict], torch.Tensor]
+
+
+def difference(a: str, b: str, claim: str = "") -> Contrast:
+    """``score(a) - score(b)``: the claim that arm ``a`` beats arm ``b``."""
+    return Contrast(f"{a} - {b}", claim or f"{a} > {b}", (a, b), lambda s: s[a] - s[b])
+
+
+def gap_growth(a_large: str, b_large: str, a_small: str, b_small: str, claim: str) -> Contrast:
+    """``(a - b) at the small setting - (a - b) at the large one``: the gap grows as the setting shrinks."""
+    return Contrast(f"({a_small} - {b_small}) - ({a_large} - {b_large})", claim,
+                    (a_large, b_large, a_small, b_small),
+                    lambda s: (s[a_small] - s[b_small]) - (s[a_large] - s[b_large]))  # fmt: skip
+
+
+def share_gap(big_short: str, big_full: str, small_short: str, small_full: str, claim: str) -> Contrast:
+    """``big_short / big_full - small_short / small_full``: the bigger model keeps a larger share."""
+    return Contrast(f"{big_short}/{big_full} - {small_short}/{small_full}", claim,
+                    (big_short, big_full, small_short, small_full),
+                    lambda s: s[big_short] / s[big_full] - s[small_short] / s[small_full])  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """``arms``: name -> extra arguments after ``base``; ``baseline``: the arm differences refer to."""
+    """``arms``: name -> extra arguments after ``base``; ``contrasts``: the claims tested; ``paper``: what
+    the paper reports (quoted for the README); ``note``: how this miniature differs from the paper."""
 
     base: tuple[str, ...]
     arms: dict
-    seeds: tuple[int, ...]
-    baseline: str
+    seeds: tuple[int, ...] = (0, 1, 2)
+    contrasts: tuple[Contrast, ...] = ()
+    paper: str = ""
+    note: str = ""
+    needs: tuple[str, ...] = field(default=())  # files the arms read (checked before training)
 
+
+# The miniature: Flickr8k train split (6,000 images), the "small" model, CLIPA stage 1 at 64 px (16
+# patches) and 16 text tokens (the flickr8k preset), no intermediate evaluation, no zero-shot set.
+_MINI = ("--preset", "flickr8k", "--clipa.stage2_epochs", "0", "--eval.every_steps", "0",
+         "--eval.zeroshot_path", "", "--log.progress_bar", "false", "--ckpt.every_steps", "0")  # fmt: skip
+_EPOCHS = ("--train.epochs", "6")
+_KEEP_16_OF_49 = str(16 / 49)  # random / block keep 16 of the 7 x 7 patches at 112 px, as grid and resize
 
 EXPERIMENTS = {
-    # LaCLIP-style caption sampling vs the first caption (CLIPA stage 1 only, 8 epochs, 64 px, 16 tokens).
-    "miniatures": Experiment(
-        base=tuple(_MINI),
+    "clipa-image": Experiment(
+        base=(*_MINI, *_EPOCHS, "--clipa.text_strategy", "none", "--clipa.stage2_epochs", "1"),
+        arms={
+            "resize": ("--clipa.image_strategy", "resize", "--clipa.image_resize", "64"),
+            "random": ("--clipa.image_strategy", "random", "--clipa.image_keep", _KEEP_16_OF_49),
+            "grid": ("--clipa.image_strategy", "grid"),
+            "block": ("--clipa.image_strategy", "block", "--clipa.image_keep", _KEEP_16_OF_49),
+        },
+        contrasts=(
+            difference("resize", "random", "resizing is at least as good as random masking"),
+            difference("random", "grid", "random masking beats grid masking"),
+            difference("grid", "block", "grid masking beats block masking"),
+        ),
+        paper="CLIPA (Li et al. 2023), Table 1 / Fig. 3: at an equal image-token budget, resize >= random > "
+        "grid > block in zero-shot ImageNet accuracy.",
+        note="16 of 49 image tokens at 112 px (resize: 64 px), 6 epochs, then 1 epoch at 112 px; full text.",
+    ),
+    "clipa-text": Experiment(
+        base=(*_MINI, *_EPOCHS, "--clipa.text_length", "8", "--clipa.stage2_epochs", "1"),
+        arms={
+            "truncate": ("--clipa.text_strategy", "truncate"),
+            "random": ("--clipa.text_strategy", "random"),
+            "block": ("--clipa.text_strategy", "block"),
+            "syntax": ("--clipa.text_strategy", "syntax"),
+        },
+        contrasts=(
+            difference("random", "truncate", "random masking beats truncation at short lengths"),
+            difference("block", "truncate", "block masking beats truncation at short lengths"),
+            difference("syntax", "truncate", "syntax masking beats truncation"),
+            difference("syntax", "random", "syntax masking is the best strategy"),
+        ),
+        paper="CLIPA, Fig. 4: with few text tokens, masking beats truncation and syntax masking (nouns "
+        "first) is best.",
+        note="8 of 32 text tokens (SOT and EOT kept) for 6 epochs at 64 px, then 1 epoch at full length and "
+        "112 px. The POS table is context-free (lemminflect's lexicon per vocabulary entry).",
+    ),
+    "inverse-scaling": Experiment(
+        base=(*_MINI, *_EPOCHS),
+        arms={
+            "tiny-full": ("--model.size", "tiny", "--clipa.text_strategy", "none"),
+            "tiny-8": ("--model.size", "tiny", "--clipa.text_length", "8"),
+            "small-full": ("--model.size", "small", "--clipa.text_strategy", "none"),
+            "small-8": ("--model.size", "small", "--clipa.text_length", "8"),
+        },
+        contrasts=(
+            difference("small-full", "tiny-full", "the larger model is better at full text length"),
+            share_gap(
+                "small-8",
+                "small-full",
+                "tiny-8",
+                "tiny-full",
+                "the larger text encoder keeps a larger share of its full-length score at 8 tokens",
+            ),
+        ),  # fmt: skip
+        paper="CLIPA's inverse scaling law (Fig. 1, 5): larger encoders lose less when trained on fewer "
+        "image or text tokens.",
+        note="Text side only (the two sizes differ in patch size, which cancels within a size). Tiny: 2+2 "
+        "layers of width 128; small: 6+4 layers of width 256. Evaluated at the trained length.",
+    ),
+    "laclip": Experiment(
+        base=(*_MINI, "--train.epochs", "8"),
         arms={
             "first-caption": ("--data.caption_sampling", "none"),
             "laclip": ("--data.caption_sampling", "laclip"),
         },
-        seeds=(0, 1, 2),
-        baseline="first-caption",
+        contrasts=(difference("laclip", "first-caption", "sampling among rewritten captions helps"),),
+        paper="LaCLIP (Fan et al. 2023), Table 2: CC3M zero-shot ImageNet 15.8 -> 21.5 % with LLM rewrites.",
+        note="Flickr8k's 5 human captions stand in for the LLM rewrites (the first caption is the 'original').",
+    ),
+    "veclip": Experiment(
+        base=(*_MINI, *_EPOCHS, "--data.train_captions", "alt-enriched", "--clipa.text_strategy", "none"),
+        arms={
+            "alt-text": ("--data.caption_sampling", "none"),
+            "mix": ("--data.caption_sampling", "veclip", "--data.veclip_p", "0.5"),
+            "enriched": ("--data.caption_sampling", "veclip", "--data.veclip_p", "1.0"),
+        },
+        contrasts=(
+            difference("mix", "alt-text", "mixing enriched captions in beats alt-text only"),
+            difference("mix", "enriched", "mixing beats enriched captions only"),
+        ),
+        paper="VeCLIP (Lai et al. 2023), Table 5: mixing alt-text and visually enriched captions beats either "
+        "alone.",
+        note="Alt-text: the shortest human caption without function words; enriched: the longest caption; "
+        "test keeps the 5 human captions. Full text length.",
+    ),
+    "fastclip": Experiment(
+        base=(*_MINI, *_EPOCHS, "--optim.grad_clip", "0"),
+        arms={
+            "clip-b128": ("--loss.mode", "clip", "--train.batch_size", "128"),
+            "rgcl_g-b128": ("--loss.mode", "rgcl_g", "--train.batch_size", "128"),
+            "clip-b32": ("--loss.mode", "clip", "--train.batch_size", "32"),
+            "rgcl_g-b32": ("--loss.mode", "rgcl_g", "--train.batch_size", "32"),
+        },
+        contrasts=(
+            difference("rgcl_g-b128", "clip-b128", "FastCLIP-v3 beats OpenCLIP's loss at batch 128"),
+            difference("rgcl_g-b32", "clip-b32", "FastCLIP-v3 beats OpenCLIP's loss at batch 32"),
+            gap_growth(
+                "rgcl_g-b128", "clip-b128", "rgcl_g-b32", "clip-b32", "the gap grows as the batch shrinks"
+            ),
+        ),
+        paper="FastCLIP (Wei et al. 2024), Table 2 / Fig. 3: v3 beats OpenCLIP at every scale, most at small "
+        "global batch.",
+        note="Same epochs (samples and FLOPs) per arm; gradient clipping off for every arm (the two losses' "
+        "gradient norms at init differ about 9x, so one clip threshold would treat them differently).",
     ),
     # LLM2CLIP's adapter over raw vs caption-contrastive-tuned MiniLM (needs the two embedding caches of
     # ``python -m training.llm2clip.cache``, see README) vs the transformer text tower.
     "llm2clip": Experiment(
-        base=tuple(_MINI),
+        base=(*_MINI, "--train.epochs", "8"),
         arms={
             "transformer": ("--data.caption_sampling", "laclip"),
             "adapter-raw": ("--model.text_tower", "adapter", "--data.text_embeddings", "runs/emb-raw"),
             "adapter-cc": ("--model.text_tower", "adapter", "--data.text_embeddings", "runs/emb-cc"),
         },
-        seeds=(0, 1, 2),
-        baseline="transformer",
+        contrasts=(
+            difference("adapter-cc", "adapter-raw", "the caption-contrastive-tuned encoder is better"),
+        ),
+        paper="LLM2CLIP (Huang et al. 2024), Table 1: caption-contrastive tuning lifts the LLM's caption "
+        "retrieval accuracy, and CLIP trained on it.",
+        note="MiniLM stands in for the LLM.",
+        needs=("runs/emb-raw", "runs/emb-cc"),
     ),
 }
 
@@ -103,97 +265,165 @@ def bootstrap_weights(n_images: int, samples: int = BOOTSTRAP_SAMPLES, seed: int
     )
 
 
-def paired_interval(arm_parts: list, base_parts: list, weights: torch.Tensor) -> dict:
-    """Mean over seeds of (arm - baseline) on the full set, and its 95 % bootstrap interval: per
-    resample, the mean over seeds of the paired difference; the 2.5 / 97.5 percentiles."""
+def verdict(per_seed: list[float], lo: float, hi: float) -> str:
+    if all(v > 0 for v in per_seed) and lo > 0:
+        return "reproduces"
+    if all(v < 0 for v in per_seed) and hi < 0:
+        return "opposite"
+    return "not shown"
+
+
+def contrast_interval(contrast: Contrast, parts: dict, seeds, weights: torch.Tensor) -> dict:
+    """``parts[(arm, seed)]``: per_image_score parts. The contrast on the full test set per seed, their
+    mean, and the 95 % bootstrap interval of the mean over seeds (resampled test images); the verdict."""
     full = torch.ones(1, weights.shape[1], dtype=torch.float64)
-    diff = [
-        weighted_score(a, full) - weighted_score(b, full) for a, b in zip(arm_parts, base_parts, strict=True)
-    ]
-    boot = torch.stack([weighted_score(a, weights) - weighted_score(b, weights)
-                        for a, b in zip(arm_parts, base_parts, strict=True)]).mean(0)  # fmt: skip
+
+    def on(w, seed):
+        return contrast.value({a: weighted_score(parts[a, seed], w) for a in contrast.arms})
+
+    per_seed = [float(on(full, s)) for s in seeds]
+    boot = torch.stack([on(weights, s) for s in seeds]).mean(0)
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"diff": float(torch.cat(diff).mean()), "lo": lo, "hi": hi}
+    mean = sum(per_seed) / len(per_seed)
+    spread = (sum((v - mean) ** 2 for v in per_seed) / max(1, len(per_seed) - 1)) ** 0.5
+    return {"contrast": contrast.name, "claim": contrast.claim, "mean": mean, "lo": lo, "hi": hi,
+            "per_seed": dict(zip(map(str, seeds), per_seed, strict=True)), "seed_sd": spread,
+            "verdict": verdict(per_seed, lo, hi)}  # fmt: skip
 
 
+# -- records ---------------------------------------------------------------------------------------
 def final_embeddings(run_dir: str) -> dict:
-    files = glob.glob(os.path.join(run_dir, "embeddings", "step_*.pt"))
+    folder = os.path.join(run_dir, "embeddings")
+    files = [f for f in os.listdir(folder) if f.startswith("step_")] if os.path.isdir(folder) else []
     if not files:
         raise FileNotFoundError(f"{run_dir}: no saved embeddings (embeddings/step_*.pt)")
-    last = max(files, key=lambda p: int(os.path.basename(p)[5:-3]))
-    return torch.load(last, weights_only=True)
+    last = max(files, key=lambda p: int(p[len("step_") : -len(".pt")]))
+    return torch.load(os.path.join(folder, last), weights_only=True)
+
+
+def make_record(run_dir: str, argv: list[str], seconds: float | None) -> dict:
+    """The run's committed record: arguments, time, final metrics, per-image hits (integers)."""
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    emb = final_embeddings(run_dir)
+    i2t, t2i, n_caps = per_image_score(emb)
+    return {"argv": argv, "seconds": seconds, "metrics": metrics, "text_length": int(emb.get("text_length", 0)),
+            "step": int(emb.get("step", 0)),
+            "per_image": {"i2t": i2t.long().T.tolist(), "t2i": t2i.long().T.tolist(),
+                          "n_captions": n_caps.long().tolist()}}  # fmt: skip
+
+
+def record_parts(rec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = rec["per_image"]
+    return (torch.tensor(p["i2t"], dtype=torch.float64).T, torch.tensor(p["t2i"], dtype=torch.float64).T,
+            torch.tensor(p["n_captions"], dtype=torch.float64))  # fmt: skip
 
 
 # -- running and reporting -------------------------------------------------------------------------
-def run(name: str, out: str = "runs/experiments", report_only: bool = False, train_fn=None) -> dict:
-    """Run the missing runs of experiment ``name`` (unless ``report_only``), then write the report."""
+def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report_only: bool = False,
+        train_fn=None, arms=None, seeds=None) -> dict:  # fmt: skip
+    """Run the missing runs of experiment ``name`` (all, or those of ``arms`` x ``seeds``; none when
+    ``report_only``), then write the report over the finished ones."""
     from .config import parse_args
     from .train import train
 
-    exp, root = EXPERIMENTS[name], os.path.join(out, name)
-    for arm, extra in exp.arms.items():
-        for seed in exp.seeds:
-            run_dir = os.path.join(root, f"{arm}-s{seed}")
-            if report_only or os.path.exists(os.path.join(run_dir, "metrics.json")):
-                continue
-            argv = [
-                *exp.base,
-                *extra,
-                "--run.seed",
-                str(seed),
-                "--run.output_dir",
-                root,
-                "--run.name",
-                f"{arm}-s{seed}",
-            ]
+    exp = EXPERIMENTS[name]
+    unknown = sorted(set(arms or ()) - set(exp.arms))
+    if unknown:
+        raise ValueError(f"arms: {unknown} not in experiment {name!r} (arms: {', '.join(exp.arms)})")
+    folder = os.path.join(results, name)
+    os.makedirs(folder, exist_ok=True)
+    todo = [
+        (a, s) for a in exp.arms for s in exp.seeds if (not arms or a in arms) and (not seeds or s in seeds)
+    ]
+    for arm, seed in [] if report_only else todo:
+        record_path = os.path.join(folder, f"{arm}-s{seed}.json")
+        if os.path.exists(record_path):
+            continue
+        missing = [p for p in exp.needs if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"experiment {name!r} needs {missing} (see its comment in EXPERIMENTS)")
+        run_dir = os.path.join(out, name, f"{arm}-s{seed}")
+        argv = [*exp.base, *exp.arms[arm], "--run.seed", str(seed), "--run.output_dir", os.path.join(out, name),
+                "--run.name", f"{arm}-s{seed}"]  # fmt: skip
+        seconds = None
+        if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+            tic = time.perf_counter()
             (train_fn or train)(parse_args(argv))
-    return report(exp, root)
+            seconds = round(time.perf_counter() - tic, 1)
+        rec = {"experiment": name, "arm": arm, "seed": seed, **make_record(run_dir, argv, seconds)}
+        with open(record_path + ".tmp", "w") as f:
+            json.dump(rec, f, separators=(",", ":"))
+        os.replace(record_path + ".tmp", record_path)
+    return report(name, folder)
 
 
-def report(exp: Experiment, root: str) -> dict:
-    parts = {
-        (a, s): per_image_score(final_embeddings(os.path.join(root, f"{a}-s{s}")))
-        for a in exp.arms
-        for s in exp.seeds
-    }
-    n_images = next(iter(parts.values()))[0].shape[0]
-    weights, full = bootstrap_weights(n_images), torch.ones(1, n_images, dtype=torch.float64)
-    rows = []
+def report(name: str, folder: str) -> dict:
+    exp = EXPERIMENTS[name]
+    records = {}
     for arm in exp.arms:
-        scores = [float(weighted_score(parts[arm, s], full)) for s in exp.seeds]
-        row = {
-            "arm": arm,
-            "mean_recall": sum(scores) / len(scores),
-            "per_seed": dict(zip(exp.seeds, scores, strict=True)),
-        }
-        if arm != exp.baseline:
-            arm_p, base_p = [parts[arm, s] for s in exp.seeds], [parts[exp.baseline, s] for s in exp.seeds]
-            row["vs_baseline"] = paired_interval(arm_p, base_p, weights)
-        rows.append(row)
-    out = {"baseline": exp.baseline, "seeds": list(exp.seeds), "metric": "mean of R@1/5/10 i2t and t2i",
-           "bootstrap_samples": int(weights.shape[0]), "n_images": n_images, "arms": rows}  # fmt: skip
-    with open(os.path.join(root, "report.json"), "w") as f:
+        for seed in exp.seeds:
+            path = os.path.join(folder, f"{arm}-s{seed}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    records[arm, seed] = json.load(f)
+    parts = {k: record_parts(r) for k, r in records.items()}
+    n_images = {p[0].shape[0] for p in parts.values()}
+    if len(n_images) > 1:
+        raise ValueError(f"{folder}: records with different test sets ({sorted(n_images)} images)")
+    weights = bootstrap_weights(n_images.pop()) if parts else None
+    full = None if weights is None else torch.ones(1, weights.shape[1], dtype=torch.float64)
+    arms = []
+    for arm in exp.arms:
+        done = [s for s in exp.seeds if (arm, s) in parts]
+        scores = {str(s): float(weighted_score(parts[arm, s], full)) for s in done}
+        secs = [records[arm, s]["seconds"] for s in done if records[arm, s]["seconds"]]
+        arms.append({"arm": arm, "args": list(exp.arms[arm]), "seeds_done": done, "per_seed": scores,
+                     "mean_recall": sum(scores.values()) / len(scores) if scores else None,
+                     "minutes_per_run": round(sum(secs) / len(secs) / 60, 1) if secs else None})  # fmt: skip
+    contrasts = []
+    for c in exp.contrasts:
+        if all((a, s) in parts for a in c.arms for s in exp.seeds):
+            contrasts.append(contrast_interval(c, parts, exp.seeds, weights))
+        else:
+            contrasts.append({"contrast": c.name, "claim": c.claim, "verdict": "pending"})
+    out = {"experiment": name, "paper": exp.paper, "note": exp.note, "seeds": list(exp.seeds),
+           "base": list(exp.base), "metric": "mean of R@1/5/10 i2t and t2i (Flickr8k test)",
+           "bootstrap_samples": BOOTSTRAP_SAMPLES, "arms": arms, "contrasts": contrasts}  # fmt: skip
+    with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(out, f, indent=2)
-    with open(os.path.join(root, "report.md"), "w") as f:
+    with open(os.path.join(folder, "report.md"), "w") as f:
         f.write(markdown(out) + "\n")
-    _plot(out, os.path.join(root, "report.png"))
+    _plot(out, os.path.join(folder, "report.png"))
     return out
 
 
+def _pp(v) -> str:
+    return f"{100 * v:+.2f}"
+
+
 def markdown(rep: dict) -> str:
-    lines = [
-        f"| arm | mean recall (%) | vs {rep['baseline']} (pp) | 95 % interval (pp) |",
-        "|---|---|---|---|",
-    ]
+    seeds = len(rep["seeds"])
+    lines = ["| arm | mean recall (%) | per seed (%) | minutes / run |", "|---|---|---|---|"]
     for r in rep["arms"]:
-        d = r.get("vs_baseline")
-        diff = "" if d is None else f"{100 * d['diff']:+.2f}"
-        ci = "" if d is None else f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
-        lines.append(f"| {r['arm']} | {100 * r['mean_recall']:.2f} | {diff} | {ci} |")
+        mean = "" if r["mean_recall"] is None else f"{100 * r['mean_recall']:.2f}"
+        per = ", ".join(f"{100 * v:.2f}" for v in r["per_seed"].values())
+        done = "" if len(r["seeds_done"]) == seeds else f" ({len(r['seeds_done'])}/{seeds} seeds)"
+        lines.append(f"| {r['arm']} | {mean}{done} | {per} | {r['minutes_per_run'] or ''} |")
+    lines += ["", "| claim | contrast | mean (pp) | 95 % interval (pp) | per seed (pp) | verdict |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for c in rep["contrasts"]:
+        if c["verdict"] == "pending":
+            lines.append(f"| {c['claim']} | {c['contrast']} | | | | pending |")
+            continue
+        per = ", ".join(_pp(v) for v in c["per_seed"].values())
+        lines.append(f"| {c['claim']} | {c['contrast']} | {_pp(c['mean'])} | [{_pp(c['lo'])}, {_pp(c['hi'])}] "
+                     f"| {per} | {c['verdict']} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def _plot(rep: dict, path: str) -> None:
+    rows = [c for c in rep["contrasts"] if c["verdict"] != "pending"]
     try:
         import matplotlib
 
@@ -201,16 +431,17 @@ def _plot(rep: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    arms = [r for r in rep["arms"] if "vs_baseline" in r]
-    fig, ax = plt.subplots(figsize=(5, 1 + 0.5 * max(1, len(arms))))
-    for y, r in enumerate(arms):
-        d = r["vs_baseline"]
-        ax.errorbar(
-            100 * d["diff"], y, xerr=[[100 * (d["diff"] - d["lo"])], [100 * (d["hi"] - d["diff"])]], fmt="o"
-        )
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(rows)))
+    for y, c in enumerate(rows):
+        ax.errorbar(100 * c["mean"], y, xerr=[[100 * (c["mean"] - c["lo"])], [100 * (c["hi"] - c["mean"])]],
+                    fmt="o", color="black")  # fmt: skip
+        ax.plot([100 * v for v in c["per_seed"].values()], [y] * len(c["per_seed"]), "x", color="gray")
     ax.axvline(0, color="gray", lw=0.8)
-    ax.set_yticks(range(len(arms)), [r["arm"] for r in arms])
-    ax.set_xlabel(f"mean recall - {rep['baseline']} (pp, 95 % interval)")
+    ax.set_yticks(range(len(rows)), [c["contrast"] for c in rows])
+    ax.set_xlabel("contrast (pp of mean recall; 95 % interval, x: seeds)")
+    ax.set_title(rep["experiment"])
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -221,10 +452,14 @@ def main(argv=None) -> int:
         prog="python -m training.experiments", description=__doc__.split("\n")[0]
     )
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--out", default="runs/experiments")
+    parser.add_argument("--out", default="runs/experiments", help="where runs train (checkpoints, logs)")
+    parser.add_argument("--results", default=RESULTS, help="where records and the report go")
+    parser.add_argument("--arms", nargs="*", help="only these arms (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds (default: all)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
-    print(markdown(run(args.name, args.out, args.report_only)))
+    rep = run(args.name, args.out, args.results, args.report_only, arms=args.arms, seeds=args.seeds)
+    print(markdown(rep))
     return 0
 
 
