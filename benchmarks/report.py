@@ -1,13 +1,19 @@
-"""Regenerate the README benchmark table from benchmarks/results/*.csv (never typed by hand).
+"""Regenerate README tables from benchmarks/results (never typed by hand).
 
-python benchmarks/report.py          # rewrites the block between the BENCHMARKS markers
+python benchmarks/report.py          # rewrites the blocks between the BENCHMARKS and REPRODUCTIONS markers
+
+Benchmarks: benchmarks/results/*.csv. Reproductions: benchmarks/results/experiments/<name>/report.json,
+written by ``python -m training.experiments NAME``.
 """
 
 import csv
+import json
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+REPRO_START, REPRO_END = "<!-- REPRODUCTIONS:START -->", "<!-- REPRODUCTIONS:END -->"
+EXPERIMENTS = ROOT / "benchmarks" / "results" / "experiments"
 
 
 def _ratio(num: str, den: str) -> str:
@@ -79,19 +85,54 @@ def optimizer_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _pp(v: float) -> str:
+    return f"{100 * v:+.2f}"
+
+
+def reproductions(reports: list[dict]) -> str:
+    """One row per claim: the paper's finding, ours (mean over seeds, 95 % interval, per seed), verdict."""
+    lines = [
+        "| experiment | claim (paper) | contrast | ours: mean [95 % interval] (pp) | per seed (pp) | verdict |",
+        "|" + "---|" * 6,
+    ]
+    for rep in reports:
+        for c in rep["contrasts"]:
+            if c["verdict"] == "pending":
+                done = sum(len(a["seeds_done"]) for a in rep["arms"])
+                total = len(rep["arms"]) * len(rep["seeds"])
+                ours, per = f"pending ({done}/{total} runs)", ""
+            else:
+                ours = f"{_pp(c['mean'])} [{_pp(c['lo'])}, {_pp(c['hi'])}]"
+                per = ", ".join(_pp(v) for v in c["per_seed"].values())
+            lines.append(
+                f"| [{rep['experiment']}](benchmarks/results/experiments/{rep['experiment']}/report.md) | "
+                f"{c['claim']} | {c['contrast']} | {ours} | {per} | **{c['verdict']}** |"
+            )
+    papers = [f"- **{r['experiment']}**: {r['paper']} Here: {r['note']}" for r in reports]
+    return "\n".join([*lines, "", *papers])
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def main() -> None:
     rows = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.csv")):
         rows += list(csv.DictReader(path.open()))
     readme = ROOT / "README.md"
     text = readme.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
     tables = (
         f"{table(rows)}\n\nCommunication (bytes do not depend on the machine):\n\n{communication_table(rows)}"
         f"\n\nOptimizer step:\n\n{optimizer_table(rows)}"
     )
-    readme.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
+    text = _replace(text, START, END, tables)
+    if REPRO_START in text:
+        reports = [json.loads(p.read_text()) for p in sorted(EXPERIMENTS.glob("*/report.json"))]
+        text = _replace(text, REPRO_START, REPRO_END, reproductions(reports))
+    readme.write_text(text)
 
 
 if __name__ == "__main__":
