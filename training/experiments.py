@@ -333,8 +333,9 @@ def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report
         raise ValueError(f"arms: {unknown} not in experiment {name!r} (arms: {', '.join(exp.arms)})")
     folder = os.path.join(results, name)
     os.makedirs(folder, exist_ok=True)
+    # seed-major: an interrupted experiment leaves whole seeds (every arm) finished
     todo = [
-        (a, s) for a in exp.arms for s in exp.seeds if (not arms or a in arms) and (not seeds or s in seeds)
+        (a, s) for s in exp.seeds for a in exp.arms if (not arms or a in arms) and (not seeds or s in seeds)
     ]
     for arm, seed in [] if report_only else todo:
         record_path = os.path.join(folder, f"{arm}-s{seed}.json")
