@@ -193,3 +193,21 @@ def test_bad_input():
     a.grad, b.grad = torch.ones(2), torch.ones(2, device="meta")
     with pytest.raises(ValueError, match="one device"):
         FusedAdamW([a, b], max_grad_norm=1.0).step()
+
+
+def test_interpreter_block_bounds_the_program_count(monkeypatch):
+    """Under the interpreter (programs run one by one in Python) the block grows with the model, so a
+    step launches about INTERPRETER_PROGRAMS programs; test-size tensors still span several chunks; the
+    GPU block stays 1024."""
+    from fastclip_kernels.ops.optim import triton as opt_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    assert opt_triton._block(cpu, [100, 37]) == 64  # the tests' tensors: several 64-element chunks
+    numels = [5_000_000, 1_000_000, 256, 7]  # a tiny CLIP's parameters
+    block = opt_triton._block(cpu, numels)
+    chunks = sum(-(-n // block) for n in numels)
+    assert block & (block - 1) == 0 and chunks <= opt_triton.INTERPRETER_PROGRAMS + len(numels)
+    assert opt_triton._block(torch.device("meta"), numels) == 1024
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert opt_triton._block(cpu, numels) == 1024
