@@ -138,11 +138,10 @@ STATE_UPDATE_INTS = {"n", "shard", "stride_tau_m", "stride_tau_n", "rank", "worl
 def state_update_configurations():
     """The fused FastCLIP state update (elementwise, no tensor cores): every constexpr combination."""
     kernel = update_kernel._fastclip_state_update_kernel
-    for gamma_one, per_sample, reference, write in itertools.product((True, False), repeat=4):
+    for gamma_one, per_sample, write in itertools.product((True, False), repeat=3):
         constexprs = dict(
-            GAMMA_ONE=gamma_one, PER_SAMPLE_TAU=per_sample, REFERENCE=reference, WRITE=write,
-            BLOCK=update_kernel.BLOCK,
-        )  # fmt: skip
+            GAMMA_ONE=gamma_one, PER_SAMPLE_TAU=per_sample, WRITE=write, BLOCK=update_kernel.BLOCK
+        )
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
