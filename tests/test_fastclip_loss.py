@@ -58,6 +58,21 @@ def test_global_tau_epoch0_is_exact_objective_gradient(mode):
         assert_rel_close(f"d{name}", got, want, RTOL)
 
 
+@pytest.mark.parametrize("convention", ["exact", "reference"])
+def test_gcl_g_is_fast_clip_v0_objective_and_gradient(convention):
+    """gcl_g (fast_clip's global_learnable without multiply_tau): 1/n sum_j 1/2 sum_m log(eps + g_mj),
+    no tau factor, s learnable. Epoch 0 (u = g): loss and x, y, s gradients exactly the dense ones; the
+    model gradient has weight 1 in both conventions (gcl's exact one carries tau)."""
+    x, y = pairs(8)
+    s = leaf(torch.tensor(10.0, dtype=torch.float64))
+    loss = make("gcl_g", convention=convention)(x, y, s, torch.arange(8) * 3)
+    g1, g2 = gcl_g_ref(x, y, s, s)
+    ref = 0.5 * (torch.log(1e-14 + g1) + torch.log(1e-14 + g2)).mean()
+    assert_rel_close("loss", loss, ref, RTOL)
+    for name, got, want in zip("xys", grads(loss, [x, y, s]), grads(ref, [x, y, s]), strict=True):
+        assert_rel_close(f"d{name}", got, want, RTOL)
+
+
 def test_rgcl_epoch0_model_gradient_and_tau_step():
     x, y = pairs(8)
     idx = torch.arange(8) + 5
