@@ -181,6 +181,17 @@ def optimizer_configurations():
             yield kernel, short, constexprs, 4, signature
 
 
+def segment_sum_configuration():
+    """LAMB's fixed-order per-tensor reduction of the norms' chunk partials (no dot)."""
+    kernel = optim_triton._segment_sum_kernel
+    constexprs = dict(BLOCK=optim_triton.SEGMENT_BLOCK)
+    signature = {
+        "partial_ptr": "*fp32", "starts_ptr": "*i64", "sums_ptr": "*fp32",
+        "num_chunks": "i32", "num_tensors": "i32", "BLOCK": "constexpr",
+    }  # fmt: skip
+    yield kernel, "fp32", constexprs, 4, signature
+
+
 if __name__ == "__main__":
     for kernel, dtype, constexprs, num_warps in configurations():
         print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps)), flush=True)
@@ -191,6 +202,7 @@ if __name__ == "__main__":
     for kernel, dtype, constexprs, num_warps, signature in [
         *state_update_configurations(),
         *optimizer_configurations(),
+        *segment_sum_configuration(),
         *hopper_patch_embed.configurations(),
         *hopper_attention.configurations(),
     ]:
