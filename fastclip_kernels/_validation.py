@@ -121,6 +121,24 @@ def check_indices(name: str, idx, batch: int, data_size: int) -> torch.Tensor:
 
 
 def check_global_indices(name: str, idx: torch.Tensor, data_size: int) -> None:
-    """Range and duplicates over the gathered global batch (same host-read policy)."""
+    """Range and duplicates over the gathered global batch: on the host where ``index_checks_enabled``
+    (ValueError), else as device-side asserts (no host sync; see ``assert_index_values_async``)."""
     if index_checks_enabled(idx):
         _check_index_values(name, idx, data_size)
+    else:
+        assert_index_values_async(name, idx, data_size)
+
+
+def assert_index_values_async(name: str, idx: torch.Tensor, data_size: int) -> None:
+    """idx [n] in [0, data_size) and distinct, checked with ``torch._assert_async``: no host sync on
+    CUDA (a bad batch fails with a device assert instead of reading or writing the wrong per-sample
+    state, or two updates racing on one row); raises RuntimeError at once on CPU."""
+    if idx.numel() == 0:
+        return
+    in_range = (idx.min() >= 0) & (idx.max() < data_size)
+    torch._assert_async(in_range, f"{name} must be global sample indices in [0, {data_size})")
+    ordered = idx.sort().values
+    distinct = (ordered[1:] != ordered[:-1]).all()
+    torch._assert_async(
+        distinct, f"{name} has duplicate sample indices; each sample may appear once per global batch"
+    )

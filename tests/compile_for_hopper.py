@@ -30,6 +30,7 @@ from fastclip_kernels.ops.state_update import triton as update_kernel  # noqa: E
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FEATURE_DIMS = [64, 768]  # BLOCK_DO = 64 and 128: the two shipped backward tilings
 
 
@@ -76,41 +77,58 @@ def compile_one(kernel, dtype, constexprs, num_warps, signature=None):
         },
         "precision": constexprs.get("INPUT_PRECISION", "none"),
         "uses_dot": "INPUT_PRECISION" in constexprs,
+        "half_operands": any(t in ("*fp16", "*bf16") for t in signature.values()),
         "wgmma": "wgmma" in compiled.asm["ptx"],
         "shared_bytes": compiled.metadata.shared,
         **_ptxas_report(compiled.asm["ptx"]),
     }
 
 
+def precisions(dtype: str):
+    """The tl.dot input precisions a launch can select for ``dtype`` (fp32: tf32 where
+    torch.backends.cuda.matmul.allow_tf32, else ieee, PyTorch's default)."""
+    return ("tf32", "ieee") if dtype == "fp32" else ("ieee",)
+
+
 def configurations():
     for dtype, d in itertools.product(DTYPES, FEATURE_DIMS):
-        cfg = pairwise.blocks(d, interpret=False)
-        blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-        precision = "tf32" if dtype == "fp32" else "ieee"
-        common = dict(HAS_BIAS=True, INPUT_PRECISION=precision, **blocks)
-        rescale = dict(RESCALE_W=dtype == "fp16")  # as pairwise.rescale_w selects
-        if d == FEATURE_DIMS[0]:
-            yield contrastive_triton._row_cross_entropy_fwd_kernel, dtype, common, cfg["num_warps"]
-            yield sigmoid_triton._sigmoid_loss_fwd_kernel, dtype, common, cfg["num_warps"]
-        for loss, row, col in [(0, True, True), (0, True, False), (0, False, True), (1, False, False)]:
-            grad = dict(
-                common, **rescale, LOSS=loss, HAS_ROW_TERM=row, HAS_COL_TERM=col, BLOCK_DO=cfg["BLOCK_DO"]
-            )
-            yield pairwise._pairwise_grad_kernel, dtype, grad, cfg["num_warps"]
-        yield from anchor_configurations(dtype, d)
+        for precision in precisions(dtype):
+            yield from pairwise_configurations(dtype, d, precision)
+            yield from anchor_configurations(dtype, d, precision)
 
 
-def anchor_configurations(dtype, d):
-    """The anchor kernels: both EXCLUDE_POSITIVE values, every HAS_ROW/HAS_COL the launcher passes."""
-    cfg = pairwise.blocks(d, interpret=False)
+def pairwise_configurations(dtype, d, precision):
+    """The loss kernels with the tiles ``pairwise.blocks`` gives the launchers."""
+    cfg = pairwise.blocks(d, False, TORCH_DTYPES[dtype], precision)
     blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-    precision = "tf32" if dtype == "fp32" else "ieee"
+    common = dict(HAS_BIAS=True, INPUT_PRECISION=precision, **blocks)
+    rescale = dict(RESCALE_W=pairwise.rescale_w(TORCH_DTYPES[dtype]))
+    if d == FEATURE_DIMS[0]:
+        yield contrastive_triton._row_cross_entropy_fwd_kernel, dtype, common, cfg["num_warps"]
+        yield sigmoid_triton._sigmoid_loss_fwd_kernel, dtype, common, cfg["num_warps"]
+    for loss, row, col in [(0, True, True), (0, True, False), (0, False, True), (1, False, False)]:
+        grad = dict(
+            common, **rescale, LOSS=loss, HAS_ROW_TERM=row, HAS_COL_TERM=col, BLOCK_DO=cfg["BLOCK_DO"]
+        )
+        yield pairwise._pairwise_grad_kernel, dtype, grad, cfg["num_warps"]
+
+
+def anchor_configurations(dtype, d, precision):
+    """The anchor kernels: both EXCLUDE_POSITIVE values, every HAS_ROW/HAS_COL the launcher passes."""
+    cfg = pairwise.blocks(d, False, TORCH_DTYPES[dtype], precision)
+    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
     for exclude in (True, False):
         common = dict(EXCLUDE_POSITIVE=exclude, INPUT_PRECISION=precision, **blocks)
         if d == FEATURE_DIMS[0]:
             yield anchor_triton._anchor_stats_kernel, dtype, common, cfg["num_warps"]
         for row, col in itertools.product((True, False), repeat=2):
-            grad = dict(common, HAS_ROW=row, HAS_COL=col, RESCALE_W=dtype == "fp16", BLOCK_DO=cfg["BLOCK_DO"])
+            grad = dict(
+                common,
+                HAS_ROW=row,
+                HAS_COL=col,
+                RESCALE_W=pairwise.rescale_w(TORCH_DTYPES[dtype]),
+                BLOCK_DO=cfg["BLOCK_DO"],
+            )
             yield anchor_triton._anchor_grad_kernel, dtype, grad, cfg["num_warps"]
 
 
@@ -120,11 +138,10 @@ STATE_UPDATE_INTS = {"n", "shard", "stride_tau_m", "stride_tau_n", "rank", "worl
 def state_update_configurations():
     """The fused FastCLIP state update (elementwise, no tensor cores): every constexpr combination."""
     kernel = update_kernel._fastclip_state_update_kernel
-    for gamma_one, per_sample, reference, write in itertools.product((True, False), repeat=4):
+    for gamma_one, per_sample, write in itertools.product((True, False), repeat=3):
         constexprs = dict(
-            GAMMA_ONE=gamma_one, PER_SAMPLE_TAU=per_sample, REFERENCE=reference, WRITE=write,
-            BLOCK=update_kernel.BLOCK,
-        )  # fmt: skip
+            GAMMA_ONE=gamma_one, PER_SAMPLE_TAU=per_sample, WRITE=write, BLOCK=update_kernel.BLOCK
+        )
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -164,6 +181,17 @@ def optimizer_configurations():
             yield kernel, short, constexprs, 4, signature
 
 
+def segment_sum_configuration():
+    """LAMB's fixed-order per-tensor reduction of the norms' chunk partials (no dot)."""
+    kernel = optim_triton._segment_sum_kernel
+    constexprs = dict(BLOCK=optim_triton.SEGMENT_BLOCK)
+    signature = {
+        "partial_ptr": "*fp32", "starts_ptr": "*i64", "sums_ptr": "*fp32",
+        "num_chunks": "i32", "num_tensors": "i32", "BLOCK": "constexpr",
+    }  # fmt: skip
+    yield kernel, "fp32", constexprs, 4, signature
+
+
 if __name__ == "__main__":
     for kernel, dtype, constexprs, num_warps in configurations():
         print(json.dumps(compile_one(kernel, dtype, constexprs, num_warps)), flush=True)
@@ -174,6 +202,7 @@ if __name__ == "__main__":
     for kernel, dtype, constexprs, num_warps, signature in [
         *state_update_configurations(),
         *optimizer_configurations(),
+        *segment_sum_configuration(),
         *hopper_patch_embed.configurations(),
         *hopper_attention.configurations(),
     ]:

@@ -2,8 +2,8 @@
 
 ``configurations()`` yields ``(kernel, dtype_name, constexprs, num_warps, signature)`` for
 ``compile_for_hopper.compile_one``: fp16, bf16 and fp32 (tf32 dots, as with
-torch.backends.cuda.matmul.allow_tf32), head dims 32/64/128 (and 80, padded to BLOCK_D = 128),
-causal on and off, for the forward, the backward preprocess, dK/dV and dQ kernels. The tiles come
+torch.backends.cuda.matmul.allow_tf32, and ieee FMA dots, PyTorch's default), head dims 32/64/128
+(and 80, padded to BLOCK_D = 128), causal on and off, for the forward, the backward preprocess, dK/dV and dQ kernels. The tiles come
 from ``varlen_attention.triton.config``, i.e. what the launchers use.
 
 Run alone (no GPU needed): ``env -u TRITON_INTERPRET python tests/hopper_attention.py``.
@@ -18,6 +18,12 @@ import torch
 
 from fastclip_kernels.ops.varlen_attention import triton as triton_varlen
 from fastclip_kernels.ops.varlen_attention import triton_bwd as triton_varlen_bwd
+
+
+def precisions(dtype: str):
+    """tl.dot input precisions a launch can select: fp32 tf32 (allow_tf32) or ieee (the default)."""
+    return ("tf32", "ieee") if dtype == "fp32" else ("ieee",)
+
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_DIMS = [32, 64, 80, 128]  # 80: a padded head dim (BLOCK_D = 128, masked)
@@ -51,16 +57,21 @@ KERNELS = {
 
 def configurations():
     for (dtype, torch_dtype), d in itertools.product(DTYPES.items(), HEAD_DIMS):
-        precision = "tf32" if dtype == "fp32" else "ieee"
-        pre_cfg = triton_varlen.config("dq", d, torch_dtype)  # as the backward launcher
-        pre = dict(HEAD_DIM=d, BLOCK_M=pre_cfg["BLOCK_M"], BLOCK_D=pre_cfg["BLOCK_D"])
-        kernel = triton_varlen_bwd._varlen_attention_bwd_preprocess_kernel
-        yield kernel, dtype, pre, 4, _signature(kernel, dtype, pre)
-        for causal, (name, kernel) in itertools.product((False, True), KERNELS.items()):
-            cfg = triton_varlen.config(name, d, torch_dtype, causal)
-            tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-            constexprs = dict(CAUSAL=causal, HEAD_DIM=d, INPUT_PRECISION=precision, **tiles)
-            yield kernel, dtype, constexprs, cfg["num_warps"], _signature(kernel, dtype, constexprs)
+        for precision in precisions(dtype):
+            yield from _configurations(dtype, torch_dtype, d, precision)
+
+
+def _configurations(dtype, torch_dtype, d, precision):
+    """One (dtype, head dim, dot precision): the tiles ``triton_varlen.config`` gives the launchers."""
+    pre_cfg = triton_varlen.config("dq", d, torch_dtype, precision)  # as the backward launcher
+    pre = dict(HEAD_DIM=d, BLOCK_M=pre_cfg["BLOCK_M"], BLOCK_D=pre_cfg["BLOCK_D"])
+    kernel = triton_varlen_bwd._varlen_attention_bwd_preprocess_kernel
+    yield kernel, dtype, pre, 4, _signature(kernel, dtype, pre)
+    for causal, (name, kernel) in itertools.product((False, True), KERNELS.items()):
+        cfg = triton_varlen.config(name, d, torch_dtype, precision, causal)
+        tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+        constexprs = dict(CAUSAL=causal, HEAD_DIM=d, INPUT_PRECISION=precision, **tiles)
+        yield kernel, dtype, constexprs, cfg["num_warps"], _signature(kernel, dtype, constexprs)
 
 
 # Arguments a real launch sees as multiples of 16 (Triton's "D" specialization: 16-byte aligned

@@ -10,7 +10,7 @@ from helpers import assert_rel_close
 from fastclip_kernels.fastclip import FastCLIPLoss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-MODES = ["clip", "gcl", "rgcl", "rgcl_g"]
+MODES = ["clip", "gcl", "gcl_g", "rgcl", "rgcl_g"]
 
 
 def _inputs(b, d, dtype, mode, device="cuda", seed=0):
@@ -23,7 +23,7 @@ def _inputs(b, d, dtype, mode, device="cuda", seed=0):
         if mode == "rgcl"
         else torch.tensor(14.3, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
     )
-    if scale is not None and mode in ("clip", "rgcl_g"):
+    if scale is not None and mode in ("clip", "gcl_g", "rgcl_g"):
         scale.requires_grad_()
     return x, y, scale
 

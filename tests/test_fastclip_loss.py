@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_rel_close, grads, leaf
 
+import fastclip_kernels._validation as validation
 from fastclip_kernels.fastclip import FastCLIPLoss
 from fastclip_kernels.fastclip.naive import fcco_surrogate_ref, gcl_g_ref, gcl_objective_ref
 from fastclip_kernels.ops.contrastive_loss.naive import contrastive_loss_ref
@@ -54,6 +55,21 @@ def test_global_tau_epoch0_is_exact_objective_gradient(mode):
     assert_rel_close("loss", loss, ref, RTOL)
     inputs = [x, y, s] if mode == "rgcl_g" else [x, y]
     for name, got, want in zip("xys"[: len(inputs)], grads(loss, inputs), grads(ref, inputs), strict=True):
+        assert_rel_close(f"d{name}", got, want, RTOL)
+
+
+@pytest.mark.parametrize("convention", ["exact", "reference"])
+def test_gcl_g_is_fast_clip_v0_objective_and_gradient(convention):
+    """gcl_g (fast_clip's global_learnable without multiply_tau): 1/n sum_j 1/2 sum_m log(eps + g_mj),
+    no tau factor, s learnable. Epoch 0 (u = g): loss and x, y, s gradients exactly the dense ones; the
+    model gradient has weight 1 in both conventions (gcl's exact one carries tau)."""
+    x, y = pairs(8)
+    s = leaf(torch.tensor(10.0, dtype=torch.float64))
+    loss = make("gcl_g", convention=convention)(x, y, s, torch.arange(8) * 3)
+    g1, g2 = gcl_g_ref(x, y, s, s)
+    ref = 0.5 * (torch.log(1e-14 + g1) + torch.log(1e-14 + g2)).mean()
+    assert_rel_close("loss", loss, ref, RTOL)
+    for name, got, want in zip("xys", grads(loss, [x, y, s]), grads(ref, [x, y, s]), strict=True):
         assert_rel_close(f"d{name}", got, want, RTOL)
 
 
@@ -188,6 +204,26 @@ def test_bad_input_names_the_argument_and_leaves_state_alone(kwargs, error, matc
     with pytest.raises(error, match=match):
         _call(fn, **kwargs)
     assert torch.equal(fn.state.log_u, before)
+
+
+@pytest.mark.parametrize("mode", ["gcl", "rgcl"])
+@pytest.mark.parametrize(
+    "indices, match",
+    [
+        ([0, 1, 2, 40], r"indices \(global batch\) must be global sample indices in \[0, 40\)"),
+        ([0, -1, 2, 3], r"indices \(global batch\) must be global sample indices in \[0, 40\)"),
+        ([0, 1, 3, 1], r"indices \(global batch\) has duplicate sample indices"),
+    ],
+    ids=["past-end", "negative", "duplicate"],
+)
+def test_bad_indices_fail_on_device_without_host_checks(monkeypatch, mode, indices, match):
+    """As on CUDA (indices never read on the host): torch._assert_async, raised at once on CPU. Without
+    it a duplicate is silently wrong on CUDA (gcl: one dx row off, a u row never written; rgcl: NaN)."""
+    monkeypatch.setattr(validation, "index_checks_enabled", lambda t: False)
+    fn = make(mode)
+    _call(fn, logit_scale=None if mode == "rgcl" else torch.tensor(10.0, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=match):
+        _call(fn, indices=torch.tensor(indices), **({"logit_scale": None} if mode == "rgcl" else {}))
 
 
 def test_bad_construction_and_mode_arguments():

@@ -45,8 +45,8 @@ class DenseRGCL:
         # d/dtau_i of tau_i (log(eps + g_i) + rho) with g -> u in the denominator (FCCO):
         # log(eps + u) + rho + tau_i g_i'(tau_i) / (eps + u)
         (dg,) = torch.autograd.grad((torch.stack([g1, g2]) / (EPS + u_new)).sum(), tau)
-        log_term = torch.log(u_new) if self.convention == "reference" else torch.log(EPS + u_new)
-        grad = (log_term + RHO + tau.detach() * dg).clamp(-5, 5)
+        # both conventions: fast_clip's v2 code also takes log(u + eps) (see ops/state_update)
+        grad = (torch.log(EPS + u_new) + RHO + tau.detach() * dg).clamp(-5, 5)
         b1, b2 = BETAS if epoch > 0 else (0.0, 0.0)
         m = b1 * self.m[:, idx] + (1 - b1) * grad
         v = b2 * self.v[:, idx] + (1 - b2) * grad**2

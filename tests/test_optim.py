@@ -211,3 +211,32 @@ def test_interpreter_block_bounds_the_program_count(monkeypatch):
     assert opt_triton._block(torch.device("meta"), numels) == 1024
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert opt_triton._block(cpu, numels) == 1024
+
+
+def test_lamb_per_tensor_norms_fixed_order_without_atomics(monkeypatch):
+    """LAMB's per-tensor norms reduce their chunk partials with ``_segment_sum_kernel`` (fixed order,
+    bitwise reproducible on CUDA), not ``index_add_`` (atomicAdd on CUDA). Planted bug this catches:
+    the index_add_ reduction (it raises here)."""
+    from fastclip_kernels.ops.optim import triton as optim_triton
+
+    dev = triton_device()
+    # segments of 0, 1 and 300 chunks (> SEGMENT_BLOCK = 256: two strips), and one of 3
+    starts = torch.tensor([0, 0, 1, 301, 304], dtype=torch.int64, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    partial = torch.rand(2, 304, generator=gen).to(dev)
+    sums = torch.empty(2, 4, device=dev)
+    optim_triton._segment_sum_kernel[(4, 2)](partial, starts, sums, 304, 4, BLOCK=optim_triton.SEGMENT_BLOCK)
+    want = torch.stack(
+        [partial[:, a:b].double().sum(1) for a, b in zip(starts[:-1], starts[1:], strict=True)], 1
+    )
+    assert_rel_close("segment sums", sums.cpu().double(), want.cpu(), 1e-6)
+
+    def no_atomics(*args, **kwargs):
+        raise AssertionError("index_add_ is an atomicAdd reduction on CUDA: not reproducible")
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", no_atomics)
+    ref, fused = _model(), _model(device=dev)
+    _run(FusedLAMB, ref, steps=2, impl="reference")
+    _run(FusedLAMB, fused, steps=2, impl="triton")
+    for a, b in zip(fused, ref, strict=True):
+        assert_rel_close("param", a.cpu(), b, 1e-6)

@@ -96,3 +96,41 @@ def test_log_domain_update_is_the_textbook_u_update(gamma):
     lam = torch.log(g * (n - 1))
     _, log_u_new = log_u_update(lam, torch.log(u_old), gamma, n)
     assert_rel_close("u", log_u_new.exp(), u_update_ref(u_old, g, gamma), 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reference", [False, True])
+def test_per_sample_tau_gradient_takes_log_u_plus_eps(backend, reference):
+    """grad_tau = log(u + eps) + rho - ratio delta / tau in both conventions, as fast_clip's v2 code
+    (``FastCLIPLossIndividual``: log(u e^-b + eps) + b). Planted bug this catches: log u (no eps) in
+    the reference convention, which differs by log(1 + eps / u) = 6.9 here (u = 1e-9, eps = 1e-6)."""
+    device = triton_device() if backend == "triton" else "cpu"
+    st = FastCLIPState(8, per_sample_tau=True, device=device)
+    n, tau, rho, beta1 = 4, 0.05, 16.0, 0.5
+    idx = torch.arange(n, device=device)
+    log_u = math.log(1e-9)
+    lam = torch.full((2, n), log_u + math.log(n - 1), device=device)  # gamma = 1: u = g = 1e-9
+    zeros = torch.zeros(2, n, device=device)
+    cfg = UpdateConfig(gamma=1.0, eps=1e-6, rho=rho, reference=reference, lr_tau=0.01, beta1=beta1, beta2=0.9)
+    state_update(st, idx, lam, zeros, zeros[0], zeros, torch.full((2, n), tau, device=device), cfg, backend)
+    grad = st.exp_avg[:, :n] / (1 - beta1)  # epoch-0 moments start at 0
+    want = math.log(1e-9 + 1e-6) + rho  # delta = 0: no ratio term
+    assert_rel_close("grad_tau", grad.double(), torch.full_like(grad, want, dtype=torch.float64), 1e-5)
+
+
+def test_fast_clip_running_bound_difference_is_bounded():
+    """What our state cannot express: fast_clip's v2 log term is log(u e^-b + eps) + b = log(u + eps e^b),
+    b >= 0 its per-sample running max of s (P_jk - P_jj); ours is log(u + eps). Equal while b = 0; else
+    they differ by log(1 + eps (e^b - 1) / (u + eps)), which matters only where u e^-b nears eps. With
+    fast_clip's eps = 1e-14 and b = 13 (tau = 0.07, a negative 0.9 above the positive): 4e-9 at u = 1,
+    4e-6 at u = 1e-3; at b = 30 and u = 1e-12 it is 25 (fast_clip's bound-scaled eps dominates)."""
+    eps = 1e-14
+    u = torch.tensor([1e-8, 1.0, 1e-3, 1e-12], dtype=torch.float64)
+    b = torch.tensor([0.0, 13.0, 13.0, 30.0], dtype=torch.float64)
+    ours = torch.log(u + eps)
+    fast_clip = torch.log(u * torch.exp(-b) + eps) + b
+    diff = fast_clip - ours
+    assert torch.allclose(diff, torch.log1p(eps * torch.expm1(b) / (u + eps)), rtol=1e-6, atol=1e-12)
+    assert diff[0] == 0.0  # b = 0: identical
+    assert (diff[1:3] < 1e-5).all()  # u not tiny: negligible
+    assert diff[3] > 1.0  # u e^-b far below eps: fast_clip's bound-scaled eps dominates

@@ -6,6 +6,8 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest), so shapes sta
 length mix runs at H = 2, d = 32; wider heads run a shorter mix. bf16 needs a GPU.
 """
 
+import importlib
+
 import pytest
 import torch
 from conftest import triton_device
@@ -19,6 +21,7 @@ from fastclip_kernels.ops.varlen_attention import (
 
 LENGTHS = [1, 2, 17, 49, 64, 97, 129, 197, 257]  # crosses every 16/32/64 tile boundary
 SHORT = [1, 17, 64, 97]
+varlen_module = importlib.import_module("fastclip_kernels.ops.varlen_attention")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU")
 
 
@@ -236,6 +239,30 @@ def test_bad_cu_seqlens(mutate, error, match):
     qkv, cu, max_seqlen = _good()
     with pytest.raises(error, match=match):
         varlen_attention_qkvpacked(qkv, mutate(cu), max_seqlen, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "cu, max_seqlen, match",
+    [
+        ([0, 3, 8], 4, r"max_seqlen = 4 is smaller than the longest sequence in cu_seqlens"),
+        ([0, 3, 7], 5, r"cu_seqlens\[-1\] must equal the number of packed tokens T = 8"),
+        ([0, 3, 2, 8], 6, r"cu_seqlens must be non-decreasing"),
+        ([1, 3, 8], 5, r"cu_seqlens\[0\] must be 0"),
+    ],
+    ids=["max-seqlen-short", "last-below-T", "decreasing", "not-zero-start"],
+)
+def test_bad_cu_seqlens_fail_on_device_without_host_checks(monkeypatch, cu, max_seqlen, match):
+    """As on CUDA (values never read on the host): torch._assert_async, raised at once on CPU. Without it
+    the kernels leave the rows past max_seqlen (or past cu_seqlens[-1]) of o, dK and dV unwritten."""
+    monkeypatch.setattr(varlen_module, "seqlens_checked", lambda cu: False)
+    qkv, _, _ = _good()
+    with pytest.raises(RuntimeError, match=match):
+        varlen_attention_qkvpacked(qkv, torch.tensor(cu, dtype=torch.int32), max_seqlen, backend="triton")
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor(cu, dtype=torch.int32)
+    match_q = match.replace("cu_seqlens", "cu_seqlens_q").replace("max_seqlen =", "max_seqlen_q =")
+    with pytest.raises(RuntimeError, match=match_q):
+        varlen_attention(q, k, v, cu, cu, max_seqlen, 8, backend="triton")
 
 
 def test_bad_max_seqlen():

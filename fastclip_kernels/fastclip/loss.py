@@ -76,12 +76,13 @@ class _FastCLIPGrad(torch.autograd.Function):
 
 
 class FastCLIPLoss(nn.Module):
-    """FastCLIP's losses (``mode``): clip (InfoNCE), gcl (v1, constant tau), rgcl (v2, per-sample
+    """FastCLIP's losses (``mode``): clip (InfoNCE), gcl (v1, constant tau), gcl_g (v0: gcl with a
+    global learnable tau, fast_clip's global_learnable without multiply_tau), rgcl (v2, per-sample
     tau), rgcl_g (v3, global learnable tau), on the global batch of ``world_size`` ranks.
 
     Args:
         data_size (int): number of samples N (global indices are in [0, N)); not needed for clip.
-        mode (str): "clip" | "gcl" | "rgcl" | "rgcl_g".
+        mode (str): "clip" | "gcl" | "gcl_g" | "rgcl" | "rgcl_g".
         rank, world_size, group: torch.distributed placement (group None: the default group).
         gamma_min, gamma_decay_epochs, gamma_schedule: inner-LR schedule (``schedules.gamma_at``).
         eps (float): the epsilon in log(eps + g) and u~ = eps + u (fast_clip: 1e-14; LAION 1e-6).
@@ -93,7 +94,7 @@ class FastCLIPLoss(nn.Module):
 
     forward(image_features [b, D], text_features [b, D], logit_scale=None, indices=None,
     output_dict=False) -> 0-d loss (global-batch objective, equal on all ranks).
-        logit_scale: s = 1/tau, 0-d (required for clip, gcl, rgcl_g; must be None for rgcl). In gcl
+        logit_scale: s = 1/tau, 0-d (required for clip, gcl, gcl_g, rgcl_g; None for rgcl). In gcl
             it is a constant: it gets no gradient (use requires_grad=False, or DDP will complain).
         indices: [b] int64 global sample indices (required except for clip); distinct, in range.
     Call ``set_epoch(e)`` at the start of each epoch (gamma and the per-sample Adam depend on it).

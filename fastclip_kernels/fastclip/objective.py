@@ -8,6 +8,7 @@ of the two directions, like CLIP's loss; g as in FastCLIP, normalized by n - 1):
 
     clip    1/n sum_j 1/2 sum_m CE_mj                              CE = lse - s P_jj = lam
     gcl     tau/n sum_j 1/2 sum_m log(eps + g_mj)                  tau constant
+    gcl_g   1/n sum_j 1/2 sum_m log(eps + g_mj)                    global learnable tau, no tau factor
     rgcl    1/n sum_j 1/2 sum_m tau_mj (log(eps + g_mj) + rho)      per-sample tau
     rgcl_g  tau/n sum_j 1/2 sum_m log(eps + g_mj) + rho tau         global learnable tau
 
@@ -15,7 +16,9 @@ The returned value is the objective on the global batch (the same on every rank)
 gradient is FastCLIP's FCCO estimator: that of c_mj g_mj / (eps + u_mj) with u held fixed,
 c_mj = tau_mj / (2n) (``exact``) or, for gcl and rgcl, 1 / (2n) (``reference``: the fast_clip
 code runs v1/v2 without ``--multiply_tau``; its RGCL gradient lacks the tau_i factor). With gamma = 1 (u = g) it is
-exactly the gradient of the objective.
+exactly the gradient of the objective. gcl_g is fast_clip's ``--temperature_scheme global_learnable``
+without ``--multiply_tau`` (its "v0"): the FCCO surrogate 1/n sum 1/2 sum g / u~ trained in both the
+model and s, i.e. weight 1 (no tau factor) and dF/ds = dPhi/ds = 1/n sum_j 1/2 sum_m ratio_mj delta_mj.
 
 Gradient scale: each rank's backward returns K x the global gradient of its own features, so
 after DDP's mean over K ranks parameters get exactly the single-process global-batch gradient
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("clip", "gcl", "rgcl", "rgcl_g")
+MODES = ("clip", "gcl", "gcl_g", "rgcl", "rgcl_g")
 CONVENTIONS = ("exact", "reference")
 
 
@@ -65,8 +68,10 @@ def gcl_terms(
     """
     n = lam.shape[1]
     scale = 1.0 / tau
-    # fast_clip runs v3 with --multiply_tau, so only gcl / rgcl lack the tau factor in "reference".
-    weight = tau if convention == "exact" or mode == "rgcl_g" else torch.ones_like(tau)
+    # fast_clip runs v3 with --multiply_tau, so only gcl / rgcl lack the tau factor in "reference";
+    # gcl_g (v0) has no tau factor in its objective at all.
+    tau_factor = mode == "rgcl_g" or (mode != "gcl_g" and convention == "exact")
+    weight = tau if tau_factor else torch.ones_like(tau)
     coef = (world_size / (2 * n)) * weight * scale
     pos_coef = -(coef * ratio).sum(0)[offset : offset + b]
     terms = BackwardTerms(scale, shift, coef, pos_coef)
@@ -74,6 +79,8 @@ def gcl_terms(
     log_eps_g = torch.logaddexp(log_g, torch.full_like(log_g, math.log(eps) if eps > 0 else -math.inf))
     if mode == "rgcl":
         return 0.5 * (tau * (log_eps_g + rho)).sum(0).mean(), None, terms
+    if mode == "gcl_g":
+        return 0.5 * log_eps_g.sum(0).mean(), 0.5 * (ratio * delta).sum(0).mean(), terms
     t = tau[0, 0]
     loss = t * 0.5 * log_eps_g.sum(0).mean()
     if mode == "gcl":

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.pairwise import blocks, input_precision, rescale_w
-from ..common.tiles import _is_positive, _rescale_rows, _similarity_tile, _unscale_rows
+from ..common.pairwise import blocks, check_row_strides, input_precision, rescale_w
+from ..common.tiles import _is_positive, _rescale_rows, _rows, _rows_again, _similarity_tile, _unscale_rows
 
 
 @triton.jit
@@ -63,6 +63,7 @@ def _anchor_stats_kernel(
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    a_base, a_offs = _rows(a_ptr, pid_m * BLOCK_M, stride_am, BLOCK_M)
     scale = tl.load(row_scale_ptr + offs_m * stride_s, mask=mask_m, other=0.0).to(tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -71,18 +72,15 @@ def _anchor_stats_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        c_base, c_offs = _rows(c_ptr, n0, stride_cn, BLOCK_N)
         dot = _similarity_tile(
-            a_ptr,
-            c_ptr,
-            offs_m,
-            offs_n,
+            a_base,
+            a_offs,
+            c_base,
+            c_offs,
             mask_m,
             mask_n,
             D,
-            stride_am,
-            stride_cn,
-            BLOCK_M,
-            BLOCK_N,
             BLOCK_D,
             INPUT_PRECISION,
         )
@@ -153,6 +151,7 @@ def _anchor_grad_kernel(
     pid_d = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    a_base, a_offs = _rows(a_ptr, pid_m * BLOCK_M, stride_am, BLOCK_M)
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     mask_do = offs_do < D
     pos_coef = _load_vec(pos_coef_ptr, offs_m, mask_m, stride_pc)
@@ -165,21 +164,19 @@ def _anchor_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        c_base, c_offs = _rows(c_ptr, n0, stride_cn, BLOCK_N)
         dot = _similarity_tile(
-            a_ptr,
-            c_ptr,
-            offs_m,
-            offs_n,
+            a_base,
+            a_offs,
+            c_base,
+            c_offs,
             mask_m,
             mask_n,
             D,
-            stride_am,
-            stride_cn,
-            BLOCK_M,
-            BLOCK_N,
             BLOCK_D,
             INPUT_PRECISION,
         )
+        c_base, c_offs = _rows_again(c_ptr, n0, stride_cn, BLOCK_N)
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_ROW:
             w += row_coef[:, None] * tl.exp(row_scale[:, None] * dot - row_shift[:, None])
@@ -194,7 +191,7 @@ def _anchor_grad_kernel(
         w += tl.where(pos, pos_coef[:, None], 0.0)
         w = tl.where(mask_m[:, None] & mask_n[None, :], w, 0.0)
         c = tl.load(
-            c_ptr + offs_n[:, None] * stride_cn + offs_do[None, :],
+            c_base + (c_offs[:, None] + offs_do[None, :]),
             mask=mask_n[:, None] & mask_do[None, :],
             other=0.0,
         )
@@ -203,8 +200,9 @@ def _anchor_grad_kernel(
         acc = tl.dot(w.to(c.dtype), c, acc, input_precision=INPUT_PRECISION)
     if RESCALE_W:
         acc = _unscale_rows(acc, row_log2)
+    grad_base, grad_offs = _rows(grad_a_ptr, pid_m * BLOCK_M, stride_gm, BLOCK_M)
     tl.store(
-        grad_a_ptr + offs_m[:, None] * stride_gm + offs_do[None, :],
+        grad_base + (grad_offs[:, None] + offs_do[None, :]),
         acc.to(grad_a_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_do[None, :],
     )
@@ -218,11 +216,13 @@ def _anchor_grad_kernel(
 def _config(a) -> tuple[dict, str]:
     """(tile sizes, tl.dot input precision): pairwise's GPU or interpreter tiling."""
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return blocks(a.shape[1], interpret), input_precision(a.dtype)
+    precision = input_precision(a.dtype)
+    return blocks(a.shape[1], interpret, a.dtype, precision), precision
 
 
 def anchor_stats(a, c, row_scale, label_offset: int, exclude_positive: bool):
     """(lse [M], mean_dot [M], pos_dot [M]) fp32; see ``fastclip_kernels.ops.anchor.anchor_stats``."""
+    check_row_strides(a, c)
     M, D = a.shape
     cfg, precision = _config(a)
     lse = torch.empty(M, device=a.device, dtype=torch.float32)
@@ -257,6 +257,7 @@ def anchor_grad(a, c, label_offset, exclude_positive, pos_coef, row, col):
 
     row / col: None or (scale, shift, coef) fp32 vectors of length M / N (any stride, 0 included).
     """
+    check_row_strides(a, c)
     M, D = a.shape
     cfg, precision = _config(a)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))

@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import _pairwise_weight, _rescale_rows, _similarity_tile, _unscale_rows
+from .tiles import (
+    MAX_ROW_STRIDE,
+    _pairwise_weight,
+    _rescale_rows,
+    _rows,
+    _rows_again,
+    _similarity_tile,
+    _unscale_rows,
+)
 
 LOSS_LSE = 0
 LOSS_SIGMOID = 1
@@ -65,6 +73,7 @@ def _pairwise_grad_kernel(
     pid_d = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    a_base, a_offs = _rows(a_ptr, pid_m * BLOCK_M, stride_am, BLOCK_M)
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     mask_do = offs_do < D
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -76,18 +85,15 @@ def _pairwise_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        c_base, c_offs = _rows(c_ptr, n0, stride_cn, BLOCK_N)
         dot = _similarity_tile(
-            a_ptr,
-            c_ptr,
-            offs_m,
-            offs_n,
+            a_base,
+            a_offs,
+            c_base,
+            c_offs,
             mask_m,
             mask_n,
             D,
-            stride_am,
-            stride_cn,
-            BLOCK_M,
-            BLOCK_N,
             BLOCK_D,
             INPUT_PRECISION,
         )
@@ -109,8 +115,9 @@ def _pairwise_grad_kernel(
         )
         dscale += tl.sum(w * dot, axis=1)
         dbias += tl.sum(w, axis=1)
+        c_base, c_offs = _rows_again(c_ptr, n0, stride_cn, BLOCK_N)
         c = tl.load(
-            c_ptr + offs_n[:, None] * stride_cn + offs_do[None, :],
+            c_base + (c_offs[:, None] + offs_do[None, :]),
             mask=mask_n[:, None] & mask_do[None, :],
             other=0.0,
         )
@@ -120,8 +127,9 @@ def _pairwise_grad_kernel(
     if RESCALE_W:
         acc = _unscale_rows(acc, row_log2)
     grad_a = (acc * scale).to(grad_a_ptr.dtype.element_ty)
+    grad_base, grad_offs = _rows(grad_a_ptr, pid_m * BLOCK_M, stride_gm, BLOCK_M)
     tl.store(
-        grad_a_ptr + offs_m[:, None] * stride_gm + offs_do[None, :],
+        grad_base + (grad_offs[:, None] + offs_do[None, :]),
         grad_a,
         mask=mask_m[:, None] & mask_do[None, :],
     )
@@ -130,19 +138,32 @@ def _pairwise_grad_kernel(
     tl.store(partial_ptr + num_blocks_m + pid_m, tl.sum(dbias, axis=0), mask=is_first_d)
 
 
-def blocks(D: int, interpret: bool) -> dict:
-    """Tile sizes. GPU: 64x64 tiles with 64-wide D steps (tensor-core friendly for bf16/fp16).
-    Interpreter: the smallest legal tiles, since it runs one numpy program at a time."""
+def blocks(D: int, interpret: bool, dtype: torch.dtype, precision: str) -> dict:
+    """Tile sizes of every pairwise and anchor launch (and what tests/compile_for_hopper.py compiles).
+
+    GPU, tensor-core dots (fp16/bf16, fp32 as tf32): 64x64 tiles, 64-wide D steps, BLOCK_DO up to 128.
+    GPU, fp32 without TF32 (``precision == "ieee"``, PyTorch's default): FMA dots, no wgmma; 32-wide
+    D steps and BLOCK_DO <= 64 keep every kernel spill-free on sm_90 (64-wide D steps spill 12-92 B,
+    BLOCK_DO = 128 36-84 B). Interpreter: the smallest legal tiles (it runs one numpy program at a time).
+    """
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_DO=32, num_warps=4)
-    block_do = min(128, max(16, triton.next_power_of_2(D)))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=block_do, num_warps=8)
+    block_do = max(16, triton.next_power_of_2(D))
+    if fp32_fma(dtype, precision):
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=min(64, block_do), num_warps=8)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=min(128, block_do), num_warps=8)
 
 
 def input_precision(dtype) -> str:
+    """tl.dot's input precision: "tf32" for fp32 only where torch allows TF32 matmuls, else "ieee"."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def fp32_fma(dtype, precision: str) -> bool:
+    """True for fp32 dots without TF32: computed with FMAs (no tensor cores), so smaller tiles."""
+    return dtype == torch.float32 and precision == "ieee"
 
 
 def rescale_w(dtype) -> bool:
@@ -151,11 +172,23 @@ def rescale_w(dtype) -> bool:
     return dtype == torch.float16
 
 
+def check_row_strides(*tensors) -> None:
+    """Row strides the kernels' int32 in-chunk offsets can address (``tiles._rows``)."""
+    for t in tensors:
+        if t.stride(0) >= MAX_ROW_STRIDE:
+            raise ValueError(
+                f"features with a row stride of {t.stride(0)} elements (>= {MAX_ROW_STRIDE}) are not "
+                "supported by the Triton kernels; pass contiguous [B, D] features with D < that"
+            )
+
+
 def launch_config(a, scale, bias):
+    """(tiles, bias pointer, dot precision) of a pairwise launch on features ``a``."""
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    cfg = blocks(a.shape[1], interpret)
+    precision = input_precision(a.dtype)
+    cfg = blocks(a.shape[1], interpret, a.dtype, precision)
     # Without a bias, HAS_BIAS=False and the pointer is never read: pass scale, allocate nothing.
-    return cfg, (bias if bias is not None else scale), input_precision(a.dtype)
+    return cfg, (bias if bias is not None else scale), precision
 
 
 def pairwise_grad(a, c, scale, bias, label_offset, loss, row_term=None, col_term=None, g=None):
@@ -164,6 +197,7 @@ def pairwise_grad(a, c, scale, bias, label_offset, loss, row_term=None, col_term
     row_term / col_term: (lse [M] or [N], upstream grad of lse) for LOSS_LSE, else None.
     g: 0-d fp32 upstream grad of the sigmoid-loss sum for LOSS_SIGMOID.
     """
+    check_row_strides(a, c)
     M, D = a.shape
     cfg, bias_arg, precision = launch_config(a, scale, bias)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))

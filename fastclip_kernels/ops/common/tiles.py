@@ -5,37 +5,62 @@ rescaling of W that keeps an fp16 second GEMM from underflowing (``_rescale_rows
 import triton
 import triton.language as tl
 
+# Rows per int64 step of ``_rows``: offsets inside a chunk, below (ROW_CHUNK + BLOCK) * stride, stay
+# under 2^31 for row strides below MAX_ROW_STRIDE (~490K) (launchers check: ``pairwise.check_row_strides``).
+ROW_CHUNK = 4096
+MAX_ROW_STRIDE = 2**31 // (ROW_CHUNK + 256)
+
+
+@triton.jit
+def _rows(ptr, row_start, stride_row, ROWS: tl.constexpr, CHUNK: tl.constexpr = 4096):
+    """(base pointer, int32 offsets [ROWS]) of rows row_start .. row_start + ROWS - 1 of a matrix with
+    row stride ``stride_row``: row row_start + i is at base + offsets[i]; add column offsets to the
+    int32 offsets before the pointer (``base + (offsets[:, None] + offs_col[None, :])``).
+
+    row * stride passes 2^31 once rows x D >= 2^31 (2.1M rows at D = 1024), so the base of row_start's
+    CHUNK-aligned chunk (CHUNK <= ROW_CHUNK) is computed in int64 (one scalar) and only the offset
+    inside the chunk in int32: no int64 [ROWS, C] tensors, which spill in the backward kernels (48 B
+    and more on sm_90).
+    """
+    row_in_chunk = row_start % CHUNK
+    base = ptr + tl.cast(row_start - row_in_chunk, tl.int64) * stride_row
+    return base, (row_in_chunk + tl.arange(0, ROWS)) * stride_row
+
+
+@triton.jit
+def _rows_again(ptr, row_start, stride_row, ROWS: tl.constexpr):
+    """``_rows`` for a second read of the same rows later in a loop body (the C tile of the backward's
+    second GEMM): the same addresses split at ROW_CHUNK / 2, so the compiler does not share (and keep
+    live across the similarity tile) the first read's offsets, which spills 16-32 B in the fp32 anchor
+    backward on sm_90 (as does calling it just before the load instead of right after the tile)."""
+    return _rows(ptr, row_start, stride_row, ROWS, 2048)
+
 
 @triton.jit
 def _similarity_tile(
-    a_ptr,
-    c_ptr,
-    offs_m,
-    offs_n,
+    a_base,
+    a_offs,
+    c_base,
+    c_offs,
     mask_m,
     mask_n,
     D,
-    stride_am,
-    stride_cn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """<a_i, c_j> for one [BLOCK_M, BLOCK_N] tile, fp32 accumulation over D in BLOCK_D steps."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    """<a_i, c_j> for one [BLOCK_M, BLOCK_N] tile, fp32 accumulation over D in BLOCK_D steps.
+
+    (a_base, a_offs [BLOCK_M]) / (c_base, c_offs [BLOCK_N]): the tile's rows of A / C (``_rows``).
+    """
+    acc = tl.zeros((a_offs.shape[0], c_offs.shape[0]), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_d[None, :],
-            mask=mask_m[:, None] & mask_d[None, :],
-            other=0.0,
+            a_base + a_offs[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
         )
         c = tl.load(
-            c_ptr + offs_n[:, None] * stride_cn + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
+            c_base + c_offs[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
         )
         acc = tl.dot(a, tl.trans(c), acc, input_precision=INPUT_PRECISION)
     return acc

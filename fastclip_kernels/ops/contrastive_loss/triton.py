@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.pairwise import LOSS_LSE, launch_config, pairwise_grad
-from ..common.tiles import _is_positive, _similarity_tile
+from ..common.pairwise import LOSS_LSE, check_row_strides, launch_config, pairwise_grad
+from ..common.tiles import _is_positive, _rows, _similarity_tile
 
 
 @triton.jit
@@ -39,6 +39,7 @@ def _row_cross_entropy_fwd_kernel(
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    a_base, a_offs = _rows(a_ptr, pid_m * BLOCK_M, stride_am, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -47,18 +48,15 @@ def _row_cross_entropy_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        c_base, c_offs = _rows(c_ptr, n0, stride_cn, BLOCK_N)
         dot = _similarity_tile(
-            a_ptr,
-            c_ptr,
-            offs_m,
-            offs_n,
+            a_base,
+            a_offs,
+            c_base,
+            c_offs,
             mask_m,
             mask_n,
             D,
-            stride_am,
-            stride_cn,
-            BLOCK_M,
-            BLOCK_N,
             BLOCK_D,
             INPUT_PRECISION,
         )
@@ -74,6 +72,7 @@ def _row_cross_entropy_fwd_kernel(
 
 def row_cross_entropy_fwd(a, c, scale, bias, label_offset: int):
     """(lse [M], ce [M]) fp32 of z = scale * a @ c.T + bias; ce_i = lse_i - z_{i, i+label_offset}."""
+    check_row_strides(a, c)
     M, D = a.shape
     cfg, bias_arg, precision = launch_config(a, scale, bias)
     lse = torch.empty(M, device=a.device, dtype=torch.float32)

@@ -15,6 +15,13 @@ a training loop whose tensors keep their storage builds it once. Nothing reads d
 steps, lr (when a 0-d tensor), grad_scale, norms and trust ratios stay on the device, so a step can
 be captured in a CUDA graph (warm up before capturing, so the table already exists).
 
+Determinism: the CUDA kernels sum squares per tensor with one fp32 ``atomicAdd`` per block (chunk), so
+``global_grad_norm``, ``grad_norm_and_clip_coefficient`` (and hence clipped steps) and LAMB's trust
+ratios (hence every LAMB step) are not bitwise reproducible from run to run on CUDA: the order of
+the per-block additions varies (differences of a few fp32 ulps in the norms). AdamW without clipping
+is elementwise and reproducible; the CPU kernels are single-threaded and reproducible. For
+reproducible norms on CUDA use ``backend="triton"`` (fixed-order reductions, ``triton.py``).
+
 Inputs (one call = one device and one param dtype; the optimizer buckets by dtype): params and
 grads fp32, or fp16/bf16 with fp32 ``masters`` of the same shape; fp32 moments; 0-d fp32 ``steps``;
 every tensor contiguous and dense. ``lr`` is a number or a 0-d fp32 tensor on the params' device.

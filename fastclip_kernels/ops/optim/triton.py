@@ -4,10 +4,10 @@ Same contract as ``reference.py`` (read it for the math). A device-resident int6
 row per tensor, [param, grad, exp_avg, exp_avg_sq, master or 0, step, numel] (addresses), and a
 chunk list of (tensor index, start); program ``pid`` updates BLOCK elements of one chunk, loading
 its pointers from the table. No host synchronization: steps, lr (optionally), the clip coefficient
-and LAMB's trust ratios are read from device memory. Norms use per-chunk partial sums (no atomics in
-the kernels). Determinism: ``global_grad_norm`` reduces its partials with ``sum`` in a fixed order
-(bitwise reproducible); LAMB's per-tensor norms reduce theirs with ``index_add_``, which uses atomicAdd
-on CUDA, so LAMB's trust ratios (and hence its updates) are not bitwise reproducible across CUDA runs.
+and LAMB's trust ratios are read from device memory. Norms use per-chunk partial sums, reduced in a
+fixed order (no atomics anywhere): ``global_grad_norm`` with ``sum``, LAMB's per-tensor norms with
+``_segment_sum_kernel`` (one program per tensor and norm), so every result is bitwise reproducible
+run to run on the same GPU and launch shapes. (The native CUDA kernels are not: see ``native.py``.)
 
 Bytes per element and step (fp32 params): AdamW reads p, g, m, v and writes p, m, v (28 B); LAMB
 adds a second pass reading p, m, v and writing p (44 B).
@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 ROW = 7  # table columns
+SEGMENT_BLOCK = 256  # chunk partials summed per strip by _segment_sum_kernel
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -86,6 +87,21 @@ def _sq_norm_kernel(table_ptr, chunk_ptr, partial_ptr, P_DTYPE: tl.constexpr, BL
     idx, row, offs, mask = _chunk(table_ptr, chunk_ptr, P_DTYPE, BLOCK)
     g = tl.load(_ptr(row, 1, P_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(partial_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _segment_sum_kernel(partial_ptr, starts_ptr, sums_ptr, num_chunks, num_tensors, BLOCK: tl.constexpr):
+    # sums[r, t] = sum of partial[r, starts[t] : starts[t + 1]] (tensor t's chunks), in a fixed order:
+    # one program per (tensor t, row r), BLOCK-wide strips then one tree sum. Grid: (num_tensors, 2).
+    t = tl.program_id(0)
+    r = tl.program_id(1)
+    start = tl.load(starts_ptr + t)
+    end = tl.load(starts_ptr + t + 1)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(start, end, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + r * num_chunks + offs, mask=offs < end, other=0.0)
+    tl.store(sums_ptr + r * num_tensors + t, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -191,8 +207,9 @@ def _addr(t) -> int:
 
 
 def _tables(columns, numels, device, block):
-    """(table [T, 7] int64, chunks [C, 2] int64, owner [C]) on ``device``; cached by addresses, so
-    a loop whose tensors keep their storage builds it once (an LRU bounds the cache)."""
+    """(table [T, 7] int64, chunks [C, 2] int64, starts [T + 1] int64: tensor t's chunks are
+    starts[t] : starts[t + 1]) on ``device``; cached by addresses, so a loop whose tensors keep their
+    storage builds it once (an LRU bounds the cache)."""
     rows = [
         [_addr(c) for c in cols] + [n] for cols, n in zip(zip(*columns, strict=True), numels, strict=True)
     ]
@@ -201,8 +218,11 @@ def _tables(columns, numels, device, block):
         _CACHE[key] = _CACHE.pop(key)  # most recently used last
         return _CACHE[key]
     chunks = [(i, start) for i, n in enumerate(numels) for start in range(0, n, block)]
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + -(-n // block))
     host = [torch.tensor(rows, dtype=torch.int64), torch.tensor(chunks, dtype=torch.int64)]
-    host.append(host[1][:, 0].clone())
+    host.append(torch.tensor(starts, dtype=torch.int64))
     if device.type == "cuda":
         host = [t.pin_memory() for t in host]
     entry = tuple(t.to(device, non_blocking=True) for t in host)
@@ -274,7 +294,7 @@ def lamb_(
 ):  # fmt: skip
     """One LAMB step: stage 1 (moments, per-tensor norms), trust ratios, stage 2 (update)."""
     device, block = params[0].device, _block(params[0].device, [p.numel() for p in params])
-    table, chunks, owner = _tables(
+    table, chunks, starts = _tables(
         *_columns(params, grads, exp_avgs, exp_avg_sqs, masters, steps), device, block
     )
     num_chunks, p_dtype, has_master = chunks.shape[0], _TL[params[0].dtype], masters is not None
@@ -287,7 +307,8 @@ def lamb_(
         BIAS_CORRECTION=bias_correction, HAS_SCALE=grad_scale is not None, HAS_MASTER=has_master,
         P_DTYPE=p_dtype, BLOCK=block,
     )  # fmt: skip
-    sums = torch.zeros((2, len(params)), device=device, dtype=torch.float32).index_add_(1, owner, partial)
+    sums = torch.empty((2, len(params)), device=device, dtype=torch.float32)
+    _segment_sum_kernel[(len(params), 2)](partial, starts, sums, num_chunks, len(params), BLOCK=SEGMENT_BLOCK)
     w_norm, u_norm = sums.sqrt()
     ratio = torch.ones_like(w_norm)
     if use_trust_ratio:

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.pairwise import LOSS_SIGMOID, launch_config, pairwise_grad
-from ..common.tiles import _is_positive, _similarity_tile, _softplus
+from ..common.pairwise import LOSS_SIGMOID, check_row_strides, launch_config, pairwise_grad
+from ..common.tiles import _is_positive, _rows, _similarity_tile, _softplus
 
 
 @triton.jit
@@ -37,24 +37,22 @@ def _sigmoid_loss_fwd_kernel(
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    a_base, a_offs = _rows(a_ptr, pid_m * BLOCK_M, stride_am, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        c_base, c_offs = _rows(c_ptr, n0, stride_cn, BLOCK_N)
         dot = _similarity_tile(
-            a_ptr,
-            c_ptr,
-            offs_m,
-            offs_n,
+            a_base,
+            a_offs,
+            c_base,
+            c_offs,
             mask_m,
             mask_n,
             D,
-            stride_am,
-            stride_cn,
-            BLOCK_M,
-            BLOCK_N,
             BLOCK_D,
             INPUT_PRECISION,
         )
@@ -66,6 +64,7 @@ def _sigmoid_loss_fwd_kernel(
 
 def sigmoid_loss_fwd(a, c, scale, bias, label_offset: int):
     """sum_ij softplus(-y_ij z_ij) as a 0-d fp32 tensor, y_ij = +1 iff j = i + label_offset."""
+    check_row_strides(a, c)
     M, D = a.shape
     cfg, bias_arg, precision = launch_config(a, scale, bias)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)

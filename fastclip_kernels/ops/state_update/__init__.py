@@ -14,7 +14,13 @@ delta = mean_dot - pos_dot (d lam / d s_j) and the fetched log u_old, tau:
 
 and, with per-sample temperatures (RGCL), the FCCO estimate of d/d tau_j of tau_j (log(eps + g_j) + rho):
 
-    grad_tau    = clamp(log u~ + rho - ratio * delta / tau, -clip, clip)     (``reference``: log u_new)
+    grad_tau    = clamp(log u~ + rho - ratio * delta / tau, -clip, clip)
+
+in both conventions: fast_clip's v2 code (``FastCLIPLossIndividual``) also takes log(u + eps), in its
+bound-shifted form log(u e^-b + eps) + b = log(u + eps e^b) with b >= 0 its per-sample running max of
+s_j (P_jk - P_jj). Our state has no b: the two agree while b = 0 (no negative ever scored above the
+positive) and differ by log(1 + eps (e^b - 1) / (u + eps)) otherwise (tests/test_fastclip_rgcl.py).
+``reference`` (in the op's arguments) therefore does not change this update.
     Adam step   m, v with betas (0 in epoch 0), bias correction by ``step`` = epoch + 1,
     tau         <- clamp(tau - lr * m_hat / (sqrt(v_hat) + adam_eps), tau_min, tau_max)
 

@@ -79,8 +79,7 @@ def state_update_ref(state, indices, lam, delta, pos_dot, log_u_old, tau, cfg):
         owned, slot = owned_slots(indices, state.rank, state.world_size, state.log_u.shape[1])
         _scatter_owned(state.log_u, slot, owned, log_u_new)
         if state.tau is not None:
-            log_term = log_u_new if cfg.reference else log_ut
-            grad = (log_term + cfg.rho - ratio * delta / tau).clamp(-cfg.grad_clip, cfg.grad_clip)
+            grad = (log_ut + cfg.rho - ratio * delta / tau).clamp(-cfg.grad_clip, cfg.grad_clip)
             _adam_tau(state, slot, owned, grad, tau, cfg)
     return shift, ratio, log_ut, log_u_new
 

@@ -32,8 +32,7 @@ def _fastclip_state_update_kernel(
     n, shard, stride_tau_m, stride_tau_n, rank, world_size,
     log1m_gamma, log_gamma, log_eps, log_nm1, log_reset, rho,
     lr_tau, beta1, beta2, bias_corr1, bias_corr2, adam_eps, tau_min, tau_max, grad_clip,
-    GAMMA_ONE: tl.constexpr, PER_SAMPLE_TAU: tl.constexpr, REFERENCE: tl.constexpr,
-    WRITE: tl.constexpr, BLOCK: tl.constexpr,
+    GAMMA_ONE: tl.constexpr, PER_SAMPLE_TAU: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -63,8 +62,7 @@ def _fastclip_state_update_kernel(
         slot = m * shard + idx // world_size
         tl.store(log_u_ptr + slot, log_u_new.to(log_u_ptr.dtype.element_ty), mask=owned)
         if PER_SAMPLE_TAU:
-            log_term = log_u_new if REFERENCE else log_ut
-            grad = log_term + rho - ratio * delta / tau
+            grad = log_ut + rho - ratio * delta / tau
             grad = tl.minimum(tl.maximum(grad, -grad_clip), grad_clip)
             exp_avg = beta1 * tl.load(exp_avg_ptr + slot, mask=owned, other=0.0) + (1.0 - beta1) * grad
             exp_avg_sq = (
@@ -102,7 +100,7 @@ def state_update_fwd(state: StateBuffers, indices, lam, delta, pos_dot, log_u_ol
         math.log(n - 1), math.log(U_RESET_BELOW), cfg.rho,
         cfg.lr_tau, cfg.beta1, cfg.beta2, 1.0 - cfg.beta1**cfg.step, 1.0 - cfg.beta2**cfg.step,
         cfg.adam_eps, cfg.tau_min, cfg.tau_max, cfg.grad_clip,
-        GAMMA_ONE=cfg.gamma >= 1.0, PER_SAMPLE_TAU=per_sample, REFERENCE=cfg.reference,
+        GAMMA_ONE=cfg.gamma >= 1.0, PER_SAMPLE_TAU=per_sample,
         WRITE=cfg.write, BLOCK=16 if interpret else BLOCK, num_warps=4,
     )  # fmt: skip
     return shift, ratio, log_ut, log_u_new

@@ -22,10 +22,11 @@ Backends (``backend=``):
 
 Sequences may be empty (cu_seqlens non-decreasing) on the triton and reference backends; the
 peers may reject them. No path of ours reads a CUDA tensor back: the values of cu_seqlens (starts
-at 0, non-decreasing, ends at T, longest <= max_seqlen) are checked for CPU tensors, and for CUDA
-tensors only with FASTCLIP_CHECK_SEQLENS=1 (one host sync per call). ``max_seqlen`` is a host int;
-an upper bound is fine (it only sizes the grid), a value below the longest sequence is an error
-when checked and silently truncates attention when not.
+at 0, non-decreasing, ends at T, longest <= max_seqlen) are checked on the host for CPU tensors
+(ValueError) and for CUDA tensors with FASTCLIP_CHECK_SEQLENS=1 (one host sync per call); otherwise
+by device-side asserts (``torch._assert_async``: no sync, a bad call fails with a CUDA device
+assert rather than returning unwritten rows). ``max_seqlen`` is a host int; an upper bound is fine
+(it only sizes the grid), a value below the longest sequence is an error.
 """
 
 import math
@@ -83,6 +84,7 @@ def _check_cu_seqlens(name: str, cu, total: int, device, max_name: str, max_seql
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, expected {device} (as the tokens)")
     if not seqlens_checked(cu):
+        _assert_cu_seqlens_async(name, cu, total, max_name, max_seqlen)
         return
     bounds = cu.tolist()
     if bounds[0] != 0:
@@ -100,6 +102,20 @@ def _check_cu_seqlens(name: str, cu, total: int, device, max_name: str, max_seql
         raise ValueError(
             f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({max(lens)})"
         )
+
+
+def _assert_cu_seqlens_async(name: str, cu, total: int, max_name: str, max_seqlen: int) -> None:
+    """The value checks of ``_check_cu_seqlens`` as device-side asserts, for tensors not read on the host
+    (CUDA): no host sync, and a launch with cu_seqlens[-1] != T or a sequence longer than max_seqlen
+    fails (device assert) instead of leaving output rows (and dK/dV rows) unwritten. Raises
+    RuntimeError at once on CPU (under torch.compile, where the host checks are off)."""
+    lens = cu[1:] - cu[:-1]
+    torch._assert_async(cu[0] == 0, f"{name}[0] must be 0")
+    torch._assert_async(lens.min() >= 0, f"{name} must be non-decreasing (cumulative lengths)")
+    torch._assert_async(cu[-1] == total, f"{name}[-1] must equal the number of packed tokens T = {total}")
+    torch._assert_async(
+        lens.max() <= max_seqlen, f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name}"
+    )
 
 
 def _check_scalars(dropout_p, softmax_scale, head_dim: int) -> float:

@@ -166,24 +166,39 @@ TILES = {
     ("dkdv", "half", True): (32, 64, 8),
     ("dkdv", "fp32", False): (16, 64, 4),
     ("dkdv", "fp32", True): (32, 64, 8),
+    # fp32 without TF32 (input_precision "ieee", PyTorch's default): FMA dots, no wgmma, so no 64-row
+    # minimum; the tf32 tiles spill here (fwd 1,000 B at d = 64 and 6,944 at d = 128, dK/dV 2,780).
+    ("fwd", "fp32_fma", False): (64, 32, 8),
+    ("fwd", "fp32_fma", True): (32, 64, 8),
+    ("dq", "fp32_fma", False): (64, 32, 8),
+    ("dq", "fp32_fma", True): (32, 16, 4),  # (32, 64, 8) spills 128 B with Triton 3.6 at d = 80
+    ("dkdv", "fp32_fma", False): (32, 32, 8),
+    ("dkdv", "fp32_fma", True): (16, 64, 8),
 }
 CAUSAL_TILES = {("dkdv", "fp32", True): (64, 64, 8)}  # (32, 64) spills 32 B with the causal mask
 
 
-def config(kernel: str, head_dim: int, dtype: torch.dtype, causal: bool = False) -> dict:
+def config(kernel: str, head_dim: int, dtype: torch.dtype, precision: str, causal: bool = False) -> dict:
     """Tiles of ``kernel`` ("fwd", "dkdv", "dq"): a fixed table, no autotuning (one compile per
-    (dtype, d, causal)); the interpreter runs the same tiles, so CPU tests check their block logic.
+    (dtype, precision, d, causal)); the interpreter runs the same tiles, so CPU tests check their block
+    logic. ``precision``: the launch's ``input_precision(dtype)`` (fp32 "ieee" has its own tiles).
 
     fp16/bf16 fwd: 64 x 64 x 4 warps -- ViT lengths 50-260 fill 1-5 query blocks with at most 63
     padded rows; num_stages is Triton's default (3), the value tests/compile_for_hopper.py compiles.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    key = (kernel, "fp32" if dtype == torch.float32 else "half", block_d >= 128)
+    if dtype != torch.float32:
+        kind = "half"
+    else:
+        kind = "fp32" if precision == "tf32" else "fp32_fma"
+    key = (kernel, kind, block_d >= 128)
     block_m, block_n, num_warps = (causal and CAUSAL_TILES.get(key)) or TILES[key]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: "tf32" for fp32 where torch allows TF32 matmuls (not in the
+    interpreter, which has no TF32), else "ieee"."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
         return "tf32"
     return "ieee"
@@ -195,7 +210,8 @@ def varlen_attention_fwd(
     """(o [T_q, H, d] in q's dtype, lse [H, T_q] fp32). q, k, v: [T, H, d] views with unit last stride."""
     T, H, d = q.shape
     B = cu_seqlens_q.numel() - 1
-    cfg = config("fwd", d, q.dtype, causal)
+    precision = input_precision(q.dtype)
+    cfg = config("fwd", d, q.dtype, precision, causal)
     o = torch.empty((T, H, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), H, B)
@@ -219,7 +235,7 @@ def varlen_attention_fwd(
         softmax_scale,
         CAUSAL=causal,
         HEAD_DIM=d,
-        INPUT_PRECISION=input_precision(q.dtype),
+        INPUT_PRECISION=precision,
         **cfg,
     )
     return o, lse

@@ -249,18 +249,18 @@ def varlen_attention_bwd(
     B = cu_seqlens_q.numel() - 1
     precision = input_precision(q.dtype)
     delta = torch.empty_like(lse)
-    pre = config("dq", d, q.dtype)
+    pre = config("dq", d, q.dtype, precision)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(T, pre["BLOCK_M"]), H)](
         o, do, delta, T, *_st(o), *_st(do), delta.stride(0),
         HEAD_DIM=d, BLOCK_M=pre["BLOCK_M"], BLOCK_D=pre["BLOCK_D"], num_warps=4,
     )  # fmt: skip
-    cfg = config("dkdv", d, q.dtype, causal)
+    cfg = config("dkdv", d, q.dtype, precision, causal)
     _varlen_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), H, B)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
         *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk), *_st(dv), lse.stride(0), softmax_scale,
         CAUSAL=causal, HEAD_DIM=d, INPUT_PRECISION=precision, **cfg,
     )  # fmt: skip
-    cfg = config("dq", d, q.dtype, causal)
+    cfg = config("dq", d, q.dtype, precision, causal)
     _varlen_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), H, B)](
         q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq), lse.stride(0), softmax_scale,
