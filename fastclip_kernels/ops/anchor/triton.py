@@ -27,12 +27,11 @@ Per-anchor vectors are read through a stride, so a stride-0 ``expand`` of a scal
 Kernels use the vocabulary in CONTRIBUTING.md (pid_*, offs_*, mask_*, *_ptr, BLOCK_*).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..common import small_tiles
 from ..common.pairwise import blocks, check_row_strides, input_precision, rescale_w
 from ..common.tiles import _is_positive, _rescale_rows, _rows, _rows_again, _similarity_tile, _unscale_rows
 
@@ -215,9 +214,8 @@ def _anchor_grad_kernel(
 
 def _config(a) -> tuple[dict, str]:
     """(tile sizes, tl.dot input precision): pairwise's GPU or interpreter tiling."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     precision = input_precision(a.dtype)
-    return blocks(a.shape[1], interpret, a.dtype, precision), precision
+    return blocks(a.shape[1], small_tiles(), a.dtype, precision), precision
 
 
 def anchor_stats(a, c, row_scale, label_offset: int, exclude_positive: bool):

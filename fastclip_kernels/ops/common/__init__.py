@@ -29,6 +29,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Tests only (tests/test_production_tiles.py): True makes the interpreter run the GPU tiles, which it
+# otherwise never selects. Not API; launchers read it through ``small_tiles``.
+_GPU_TILES_UNDER_INTERPRETER = False
+
+
+def small_tiles() -> bool:
+    """True where launchers pick the interpreter's small tiles / blocks instead of the GPU ones:
+    under TRITON_INTERPRET=1, unless a test forces the GPU configurations there."""
+    return interpreting() and not _GPU_TILES_UNDER_INTERPRETER
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -13,12 +13,11 @@ Row i's positive is column i + o (o = ``label_offset``). Also here: the tile con
 (``launch_config``) every pairwise launcher uses. Vocabulary: CONTRIBUTING.md.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import small_tiles
 from .tiles import (
     MAX_ROW_STRIDE,
     _pairwise_weight,
@@ -184,9 +183,8 @@ def check_row_strides(*tensors) -> None:
 
 def launch_config(a, scale, bias):
     """(tiles, bias pointer, dot precision) of a pairwise launch on features ``a``."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     precision = input_precision(a.dtype)
-    cfg = blocks(a.shape[1], interpret, a.dtype, precision)
+    cfg = blocks(a.shape[1], small_tiles(), a.dtype, precision)
     # Without a bias, HAS_BIAS=False and the pointer is never read: pass scale, allocate nothing.
     return cfg, (bias if bias is not None else scale), precision
 

@@ -14,11 +14,12 @@ adds a second pass reading p, m, v and writing p (44 B).
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..common import small_tiles
 
 ROW = 7  # table columns
 SEGMENT_BLOCK = 256  # chunk partials summed per strip by _segment_sum_kernel
@@ -193,7 +194,7 @@ def _block(device: torch.device, numels) -> int:
     """Elements per program: 1024 on a GPU. The interpreter runs programs one after another in Python,
     so there the block grows with the total size (powers of two from 64) to keep the program count near
     ``INTERPRETER_PROGRAMS``: tiny test tensors still span several chunks, a model's step stays fast."""
-    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cpu" or not small_tiles():
         return 1024
     return max(64, triton.next_power_of_2(-(-sum(numels) // INTERPRETER_PROGRAMS)))
 

@@ -7,12 +7,11 @@ store into the packed token tensor.
 No [T_p, C*P*P] patch matrix (unfold copy) is ever written.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..common import small_tiles
 from .naive import gather_patches
 
 _DPOS_CHUNK = 1 << 16  # tokens per fp32 scatter-add chunk in the backward (bounds the fp32 copy)
@@ -130,8 +129,7 @@ def patch_embed_fwd(images, weight, bias, pos, idx, batch, num_tokens: int, patc
     """
     D = weight.shape[0]
     T_p = idx.shape[0]
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    cfg = blocks(weight.dtype, interpret)
+    cfg = blocks(weight.dtype, small_tiles())
     if images.stride(3) != 1:  # e.g. channels-last: the kernel reads rows of contiguous pixels
         images = images.contiguous()
     out = torch.empty(num_tokens, D, device=weight.device, dtype=weight.dtype)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import small_tiles
 from .naive import U_RESET_BELOW, StateBuffers, _log
 
 
@@ -89,8 +90,8 @@ def state_update_fwd(state: StateBuffers, indices, lam, delta, pos_dot, log_u_ol
     tau_state = state.tau if per_sample else state.log_u  # never read unless per_sample
     exp_avg = state.exp_avg if per_sample else state.log_u
     exp_avg_sq = state.exp_avg_sq if per_sample else state.log_u
-    interpret = lam.device.type == "cpu"  # TRITON_INTERPRET=1: small blocks
-    grid = (triton.cdiv(n, 16 if interpret else BLOCK), 2)
+    block = 16 if lam.device.type == "cpu" and small_tiles() else BLOCK  # interpreter: small blocks
+    grid = (triton.cdiv(n, block), 2)
     _fastclip_state_update_kernel[grid](
         indices, lam, delta, pos_dot, log_u_old, tau,
         state.log_u, tau_state, exp_avg, exp_avg_sq,
@@ -101,6 +102,6 @@ def state_update_fwd(state: StateBuffers, indices, lam, delta, pos_dot, log_u_ol
         cfg.lr_tau, cfg.beta1, cfg.beta2, 1.0 - cfg.beta1**cfg.step, 1.0 - cfg.beta2**cfg.step,
         cfg.adam_eps, cfg.tau_min, cfg.tau_max, cfg.grad_clip,
         GAMMA_ONE=cfg.gamma >= 1.0, PER_SAMPLE_TAU=per_sample,
-        WRITE=cfg.write, BLOCK=16 if interpret else BLOCK, num_warps=4,
+        WRITE=cfg.write, BLOCK=block, num_warps=4,
     )  # fmt: skip
     return shift, ratio, log_ut, log_u_new
