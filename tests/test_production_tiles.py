@@ -8,7 +8,8 @@ every kernel family runs at shapes that cross each tile boundary: rows and colum
 BLOCK_M / BLOCK_N, D not a multiple of BLOCK_D and larger than BLOCK_DO (the output-D grid has >= 2
 programs), element counts past one 1024 block. fp32 (the interpreter's dots are exact fp32 whatever the
 input precision, so "tf32" tiles keep fp32 numerics) against the fp64 naive references.
-Varlen attention needs nothing here: the interpreter already runs its GPU tiles (``triton.config``).
+Varlen attention already runs its GPU tile table under the interpreter, except the fp32 "tf32" tiles
+(the interpreter otherwise always takes "ieee"): those run here.
 """
 
 import copy
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_close, grads, leaf
+from test_varlen_attention import SHORT, check_packed
 
 import fastclip_kernels.ops.common as common
 from fastclip_kernels.fastclip import FastCLIPState
@@ -32,6 +34,7 @@ from fastclip_kernels.ops.patch_embed import triton as patch_triton
 from fastclip_kernels.ops.sigmoid_loss import sigmoid_loss_sum
 from fastclip_kernels.ops.sigmoid_loss.naive import sigmoid_loss_ref
 from fastclip_kernels.ops.state_update import UpdateConfig, state_update
+from fastclip_kernels.ops.varlen_attention import triton as attention_triton
 from fastclip_kernels.optim import FusedAdamW, FusedLAMB
 
 pytestmark = pytest.mark.skipif(
@@ -39,9 +42,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 B, N, D, OFFSET = 70, 130, 136, 37  # local rows, gathered columns, feature dim, positives' offset
-RTOL = 2e-5  # fp32 kernels against fp64, relative to the largest reference value
-# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) that pairwise.blocks gives a GPU at D = 136
-PAIRWISE_TILES = {"tf32": (64, 64, 64, 128), "ieee": (64, 64, 32, 64)}
+# name: (feature dtype, allow_tf32, (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) of pairwise.blocks on a GPU
+# at D = 136, rtol vs fp64 relative to the largest reference value). fp16 adds the rescaled-W GEMM.
+CONFIGS = {
+    "tf32": (torch.float32, True, (64, 64, 64, 128), 2e-5),
+    "ieee": (torch.float32, False, (64, 64, 32, 64), 2e-5),
+    "fp16": (torch.float16, False, (64, 64, 64, 128), 4e-3),
+}
 
 
 @pytest.fixture
@@ -50,107 +57,115 @@ def gpu_tiles(monkeypatch):
     monkeypatch.setattr(common, "_GPU_TILES_UNDER_INTERPRETER", True)
 
 
-@pytest.fixture(params=list(PAIRWISE_TILES))
-def precision(request, gpu_tiles, monkeypatch):
-    """fp32 dots as "tf32" (tensor-core tiles) or "ieee" (FMA tiles, PyTorch's default)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", request.param == "tf32")
-    a = torch.empty(B, D)
-    cfg, _, got = pairwise.launch_config(a, torch.ones(()), None)
+@pytest.fixture(params=list(CONFIGS))
+def config(request, gpu_tiles, monkeypatch):
+    """(dtype, rtol) of one pairwise / anchor GPU configuration: fp32 dots as "tf32" (tensor-core
+    tiles), fp32 as "ieee" (FMA tiles, PyTorch's default), fp16 (tensor-core tiles, W rescaled)."""
+    dtype, tf32, want, rtol = CONFIGS[request.param]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    a = torch.empty(B, D, dtype=dtype)
+    cfg, _, precision = pairwise.launch_config(a, torch.ones(()), None)
     tiles = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"))
-    assert got == request.param and tiles == PAIRWISE_TILES[request.param]
-    assert anchor_triton._config(a) == (cfg, got)
+    assert precision == ("tf32" if tf32 else "ieee") and tiles == want
+    assert anchor_triton._config(a) == (cfg, precision)
     block_m, block_n, block_d, block_do = tiles
     assert B % block_m and N % block_n and D % block_d and D > block_do, "the shape must cross every tile"
-    return request.param
+    return dtype, rtol
 
 
-def _pairs(n, d=D):
-    """Unit image/text rows [n, D], row i of each correlated with row i of the other (the positives)."""
+def _pairs(n, dtype, d=D):
+    """Unit image/text rows [n, D] in fp64, exact in ``dtype``; row i of each correlated with row i of
+    the other (the positives)."""
     x = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
     y = F.normalize(x + 0.7 * torch.randn(n, d, dtype=torch.float64), dim=-1)
-    return x, y
+    return x.to(dtype).double(), y.to(dtype).double()
 
 
-def _check_grads(got, want, names):
-    """atol: CLIP's dbias is 0 (the bias cancels in cross-entropy), so fp32 leaves only rounding."""
+def _check_grads(got, want, names, rtol):
+    """atol: CLIP's dbias is 0 (the bias cancels in cross-entropy), so only rounding is left."""
     for name, g, w in zip(names, got, want, strict=False):
         if w is not None:
-            assert_rel_close(name, g, w, RTOL, atol=1e-6)
+            assert_rel_close(name, g, w, rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("bias", [None, -2.5], ids=["no-bias", "bias"])
-def test_contrastive_single_process(precision, bias):
+def test_contrastive_single_process(config, bias):
     """Row and column cross-entropy forwards, the LSE backward with both terms (dx, dy, ds, dbias)."""
-    x, y = _pairs(N)
+    dtype, rtol = config
+    x, y = _pairs(N, dtype)
     scale = torch.tensor(14.0, dtype=torch.float64)
     p64 = [leaf(x), leaf(y), leaf(scale)] + ([leaf(torch.tensor(bias, dtype=torch.float64))] if bias else [])
-    p32 = [leaf(t, torch.float32) for t in p64]
-    loss = contrastive_loss(*p32, backend="triton")
+    p_low = [leaf(t, dtype) for t in p64]
+    loss = contrastive_loss(*p_low, backend="triton")
     ref = contrastive_loss_ref(*p64)
-    assert_rel_close("loss", loss, ref, RTOL)
-    _check_grads(grads(loss, p32), grads(ref, p64), ("dx", "dy", "dscale", "dbias"))
+    assert_rel_close("loss", loss, ref, rtol)
+    _check_grads(grads(loss, p_low), grads(ref, p64), ("dx", "dy", "dscale", "dbias"), rtol)
 
 
 @pytest.mark.parametrize("bias", [None, 1.5], ids=["no-bias", "bias"])
-def test_contrastive_local_loss(precision, bias):
+def test_contrastive_local_loss(config, bias):
     """b = 70 local rows against N = 130 gathered columns, positives at 37 + i (row term only)."""
-    all_x, all_y = _pairs(N)
+    dtype, rtol = config
+    all_x, all_y = _pairs(N, dtype)
     x, y = all_x[OFFSET : OFFSET + B], all_y[OFFSET : OFFSET + B]
     scale = torch.tensor(9.0, dtype=torch.float64)
     p64 = [leaf(t) for t in (x, y, all_x, all_y, scale)]
     b64 = leaf(torch.tensor(bias, dtype=torch.float64)) if bias else None
-    p32 = [leaf(t, torch.float32) for t in p64]
-    b32 = leaf(b64, torch.float32) if bias else None
+    p_low = [leaf(t, dtype) for t in p64]
+    b_low = leaf(b64, dtype) if bias else None
     loss = contrastive_loss(
-        p32[0], p32[1], p32[4], b32, all_image_features=p32[2], all_text_features=p32[3],
+        p_low[0], p_low[1], p_low[4], b_low, all_image_features=p_low[2], all_text_features=p_low[3],
         label_offset=OFFSET, backend="triton",
     )  # fmt: skip
     ref = contrastive_loss_local_ref(*p64[:4], p64[4], OFFSET, b64)
-    assert_rel_close("loss", loss, ref, RTOL)
+    assert_rel_close("loss", loss, ref, rtol)
     names = ("dx", "dy", "dall_x", "dall_y", "dscale", "dbias")
-    _check_grads(grads(loss, p32 + [b32]), grads(ref, p64 + [b64]), names)
+    _check_grads(grads(loss, p_low + [b_low]), grads(ref, p64 + [b64]), names, rtol)
 
 
 @pytest.mark.parametrize("b,offset", [(N, 0), (B, OFFSET)], ids=["square", "local"])
-def test_sigmoid_loss(precision, b, offset):
+def test_sigmoid_loss(config, b, offset):
     """The sigmoid sum forward and the LOSS_SIGMOID backward (rows and columns, ds, dbias)."""
-    all_x, all_y = _pairs(N)
+    dtype, rtol = config
+    all_x, all_y = _pairs(N, dtype)
     p64 = [leaf(all_x[offset : offset + b]), leaf(all_y)]
     p64 += [leaf(torch.tensor(10.0, dtype=torch.float64)), leaf(torch.tensor(-10.0, dtype=torch.float64))]
-    p32 = [leaf(t, torch.float32) for t in p64]
-    total = sigmoid_loss_sum(*p32, label_offset=offset, backend="triton")
+    p_low = [leaf(t, dtype) for t in p64]
+    total = sigmoid_loss_sum(*p_low, label_offset=offset, backend="triton")
     ref = sigmoid_loss_ref(*p64, label_offset=offset) * b
-    assert_rel_close("loss", total, ref, RTOL)
-    _check_grads(grads(total, p32), grads(ref, p64), ("dx", "dy", "dscale", "dbias"))
+    assert_rel_close("loss", total, ref, rtol)
+    _check_grads(grads(total, p_low), grads(ref, p64), ("dx", "dy", "dscale", "dbias"), rtol)
 
 
 @pytest.mark.parametrize("exclude_positive", [True, False], ids=["excl", "incl"])
-def test_anchor_stats_and_grad(precision, exclude_positive):
-    """FastCLIP's per-anchor statistics and W @ C with the row and column terms (stride-0 row scale)."""
-    a, _ = _pairs(B)
-    c, _ = _pairs(N)
-    c[OFFSET : OFFSET + B] = F.normalize(c[OFFSET : OFFSET + B] + a, dim=-1)
-    row_scale = torch.tensor(14.3, dtype=torch.float64).expand(B)
+def test_anchor_stats_and_grad(config, exclude_positive):
+    """FastCLIP's per-anchor statistics and W @ C with the row and column terms (stride-0 row scale;
+    the per-anchor vectors fp32, as FastCLIPLoss passes them)."""
+    dtype, rtol = config
+    a, _ = _pairs(B, dtype)
+    c, _ = _pairs(N, dtype)
+    c[OFFSET : OFFSET + B] = F.normalize(c[OFFSET : OFFSET + B] + a, dim=-1).to(dtype).double()
+    row_scale = torch.tensor(14.3, dtype=torch.float32).double().expand(B)
     kw = dict(label_offset=OFFSET, exclude_positive=exclude_positive)
-    got = anchor_stats(a.float(), c.float(), row_scale.float(), backend="triton", **kw)
+    got = anchor_stats(a.to(dtype), c.to(dtype), row_scale.float(), backend="triton", **kw)
     want = anchor_stats_ref(a, c, row_scale, **kw)
     for name, g, w in zip(("lse", "mean_dot", "pos_dot"), got, want, strict=True):
-        assert_rel_close(name, g, w, RTOL)
-    lse = want[0]
-    row = (row_scale, lse, torch.rand(B, dtype=torch.float64) / B)
+        assert_rel_close(name, g, w, rtol)
+    lse = want[0].float().double()
+    row = (row_scale, lse, torch.rand(B).double() / B)
     col = (
-        10.0 + 10.0 * torch.rand(N, dtype=torch.float64),
-        lse.mean().expand(N),
-        torch.rand(N, dtype=torch.float64) / N,
+        10.0 + 10.0 * torch.rand(N).double(),
+        lse.mean().float().double().expand(N),
+        torch.rand(N).double() / N,
     )
-    pos_coef = -torch.rand(B, dtype=torch.float64)
+    pos_coef = -torch.rand(B).double()
     for name, terms in {"row+col": (row, col), "row": (row, None), "col": (None, col)}.items():
         f32 = [None if t is None else tuple(v.float() for v in t) for t in terms]
         out = anchor_grad(
-            a.float(), c.float(), pos_coef.float(), row=f32[0], col=f32[1], backend="triton", **kw
+            a.to(dtype), c.to(dtype), pos_coef.float(), row=f32[0], col=f32[1], backend="triton", **kw
         )
         ref = anchor_grad_ref(a, c, pos_coef, *terms, **kw)
-        assert_rel_close(f"grad_a ({name})", out, ref, RTOL)
+        assert_rel_close(f"grad_a ({name})", out, ref, rtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -166,7 +181,7 @@ def test_patch_embed(gpu_tiles, dtype):
     p_low = [leaf(t, dtype) for t in p64]
     out = patch_embed(images.to(dtype), *p_low, None, backend="triton")
     ref = patch_embed(images, *p64, None, backend="reference")
-    rtol = RTOL if dtype == torch.float32 else 2e-3
+    rtol = 2e-5 if dtype == torch.float32 else 2e-3
     assert out.tokens.shape == (5 * 17, D)
     assert_rel_close("tokens", out.tokens, ref.tokens, rtol)
     g = torch.randn_like(ref.tokens)
@@ -228,3 +243,13 @@ def test_state_update(gpu_tiles, per_sample):
         assert_rel_close(name, getattr(st_fused, name), getattr(st, name), 1e-5)
     owned, _ = st.owned_slots(idx)
     assert owned.sum() > 300
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_attention_tf32_tiles(gpu_tiles, monkeypatch, d, causal):
+    """fwd, dK/dV and dQ with the fp32 "tf32" tile table (narrow and wide heads, the causal dK/dV
+    entry), lengths 1, 17, 64, 97 crossing every 16/32/64 block; the tolerance rule of the attention tests."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert attention_triton.input_precision(torch.float32) == "tf32"
+    check_packed(SHORT, heads=1, d=d, dtype=torch.float32, causal=causal)

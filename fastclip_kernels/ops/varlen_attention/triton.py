@@ -22,11 +22,11 @@ The head dim is padded to BLOCK_D = next_pow2(d) with masks. Kernels use the voc
 CONTRIBUTING.md (pid_*, offs_*, mask_*, *_ptr, BLOCK_*; T tokens, H heads).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ..common import small_tiles
 
 LOG2E = 1.4426950408889634
 
@@ -145,10 +145,6 @@ def _varlen_attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # (BLOCK_M, BLOCK_N, num_warps) by (kernel, "half" | "fp32", BLOCK_D == 128). wgmma needs >= 64
 # rows in the first operand: the query block of "fwd"/"dq", the key block (BLOCK_N) of "dkdv".
 # Wide heads: the backward's [64, 128] fp32 accumulators need 8 warps and a smaller dK/dV query
@@ -181,7 +177,7 @@ CAUSAL_TILES = {("dkdv", "fp32", True): (64, 64, 8)}  # (32, 64) spills 32 B wit
 def config(kernel: str, head_dim: int, dtype: torch.dtype, precision: str, causal: bool = False) -> dict:
     """Tiles of ``kernel`` ("fwd", "dkdv", "dq"): a fixed table, no autotuning (one compile per
     (dtype, precision, d, causal)); the interpreter runs the same tiles, so CPU tests check their block
-    logic. ``precision``: the launch's ``input_precision(dtype)`` (fp32 "ieee" has its own tiles).
+    logic (the tf32 "fp32" ones where tests/test_production_tiles.py forces the GPU configurations). ``precision``: the launch's ``input_precision(dtype)`` (fp32 "ieee" has its own tiles).
 
     fp16/bf16 fwd: 64 x 64 x 4 warps -- ViT lengths 50-260 fill 1-5 query blocks with at most 63
     padded rows; num_stages is Triton's default (3), the value tests/compile_for_hopper.py compiles.
@@ -198,8 +194,9 @@ def config(kernel: str, head_dim: int, dtype: torch.dtype, precision: str, causa
 
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: "tf32" for fp32 where torch allows TF32 matmuls (not in the
-    interpreter, which has no TF32), else "ieee"."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+    interpreter, which has no TF32, unless a test forces the GPU configurations there: its dots
+    stay exact fp32, so the "fp32" tiles then run with fp32 numerics), else "ieee"."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not small_tiles():
         return "tf32"
     return "ieee"
 
