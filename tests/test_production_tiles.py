@@ -43,11 +43,12 @@ pytestmark = pytest.mark.skipif(
 
 B, N, D, OFFSET = 70, 130, 136, 37  # local rows, gathered columns, feature dim, positives' offset
 # name: (feature dtype, allow_tf32, (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) of pairwise.blocks on a GPU
-# at D = 136, rtol vs fp64 relative to the largest reference value). fp16 adds the rescaled-W GEMM.
+# at D = 136, rtol vs fp64 relative to the largest reference value). fp16 adds the rescaled-W GEMM;
+# its outputs are fp16: ~4.5e-4 relative measured on the gradients (fp32: ~2e-7 on loss and lse).
 CONFIGS = {
     "tf32": (torch.float32, True, (64, 64, 64, 128), 2e-5),
     "ieee": (torch.float32, False, (64, 64, 32, 64), 2e-5),
-    "fp16": (torch.float16, False, (64, 64, 64, 128), 4e-3),
+    "fp16": (torch.float16, False, (64, 64, 64, 128), 2e-3),
 }
 
 
