@@ -27,7 +27,7 @@ def device_checks(monkeypatch):
     monkeypatch.setattr(loss_module, "as_scalar_tensor", lambda name, value, device, dtype, **kw: value)
 
 
-@pytest.mark.parametrize("mode", ["clip", "gcl", "rgcl", "rgcl_g"])
+@pytest.mark.parametrize("mode", ["clip", "gcl", "gcl_g", "rgcl", "rgcl_g"])
 def test_step_reads_nothing_back(mode, device_checks):
     fn = FastCLIPLoss(50, mode, gamma_min=0.5, backend="chunked")
     x, y = pairs(8)

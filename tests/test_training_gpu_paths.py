@@ -125,7 +125,7 @@ def _tensors(tree, path=""):
 
 
 @pytest.mark.parametrize("optim", ["adamw", "lamb"])
-@pytest.mark.parametrize("mode", ["clip", "siglip", "gcl", "rgcl", "rgcl_g"])
+@pytest.mark.parametrize("mode", ["clip", "siglip", "gcl", "gcl_g", "rgcl", "rgcl_g"])
 def test_resume_lands_optimizer_and_objective_state_on_the_run_device(tmp_path, mode, optim):
     """A run saves on the CPU (as checkpoint.load maps a GPU run's file); the same run resumed on another
     device (``meta`` stands in for cuda) must hold no optimizer / objective tensor anywhere else."""
@@ -142,7 +142,8 @@ def test_resume_lands_optimizer_and_objective_state_on_the_run_device(tmp_path, 
     assert run.step == 1
     opt_state = {"state": list(run.opt.state.values()), "groups": run.opt.param_groups}
     tensors = [*_tensors(opt_state, "optimizer"), *_tensors(run.objective.state_dict(), "objective")]
-    assert any(name.endswith(".lr") for name, _ in tensors) == (mode == "rgcl_g")  # the temperature group
+    own_tau_group = mode in ("rgcl_g", "gcl_g")  # the temperature's group holds a tensor LR
+    assert any(name.endswith(".lr") for name, _ in tensors) == own_tau_group
     assert len(run.opt.state) > 0
     off = {name: t.device for name, t in tensors if t.device.type != "meta"}
     assert not off, off

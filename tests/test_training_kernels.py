@@ -27,7 +27,7 @@ needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_
 LOSS_OPS = {
     "clip": {"contrastive_loss_fwd", "contrastive_loss_bwd"},
     "siglip": {"sigmoid_loss_fwd", "sigmoid_loss_bwd"},
-    **{m: {"anchor_stats", "anchor_grad", "state_update"} for m in ("gcl", "rgcl", "rgcl_g")},
+    **{m: {"anchor_stats", "anchor_grad", "state_update"} for m in ("gcl", "gcl_g", "rgcl", "rgcl_g")},
 }
 MODEL_OPS = {"patch_embed_fwd", "patch_embed_bwd", "varlen_attention_qkvpacked_fwd",
              "varlen_attention_qkvpacked_bwd", "adamw_", "global_grad_norm"}  # fmt: skip

@@ -20,7 +20,7 @@ def _cfg(tmp_path, *extra):
     return parse_args([*TINY, "--run.output_dir", str(tmp_path), *extra])
 
 
-@pytest.mark.parametrize("mode", ["clip", "siglip", "gcl", "rgcl", "rgcl_g"])
+@pytest.mark.parametrize("mode", ["clip", "siglip", "gcl", "gcl_g", "rgcl", "rgcl_g"])
 def test_each_loss_mode_runs(tmp_path, mode):
     cfg = _cfg(tmp_path, "--loss.mode", mode, "--train.max_steps", "3")
     if mode == "siglip":

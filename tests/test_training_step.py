@@ -80,3 +80,28 @@ def test_lr_tau_schedules():
     const = _tau_group(_objective("const"), model, 1e-3, 5, 10)
     assert float(const[1]["lr"]) == pytest.approx(0.5)
     assert _objective("const", "gcl").own_lr_tau() is None
+
+
+def test_gcl_g_trains_the_global_temperature_in_its_own_group():
+    """loss.mode gcl_g (fast_clip's v0): theta is not frozen, gets its own group at loss.lr_tau (as
+    rgcl_g), and its gradient is the objective's: at gamma = 1 (u = g) the surrogate's d/ds equals
+    d/ds of 1/n sum 1/2 [log(eps + g1) + log(eps + g2)] (fp64 reference, no tau factor), times s."""
+    from fastclip_kernels.fastclip.naive import gcl_g_ref
+    from training.model import param_groups
+
+    obj, model = _objective("const", "gcl_g"), _Model().double()
+    obj.prepare(model)
+    theta = model.temperature.theta
+    assert theta.requires_grad and obj.own_lr_tau() == 0.5
+    groups = param_groups(model, 0.1, lr_tau=obj.own_lr_tau())
+    assert [g.get("fastclip_lr_tau") for g in groups] == [0.5] and groups[0]["params"] == [theta]
+    x, y = (torch.nn.functional.normalize(torch.randn(8, 16, dtype=torch.float64), dim=-1) for _ in range(2))
+    loss = obj.loss(model, x, y, torch.arange(8))
+    loss.backward()
+    theta_ref = theta.detach().clone().requires_grad_()
+    g1, g2 = gcl_g_ref(x, y, theta_ref.exp(), theta_ref.exp())
+    ref = 0.5 * (torch.log(obj.fn.eps + g1) + torch.log(obj.fn.eps + g2)).mean()
+    ref.backward()
+    assert float(obj.gamma) == 1.0
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    assert theta.grad.item() == pytest.approx(theta_ref.grad.item(), rel=1e-8) and theta.grad.item() != 0

@@ -20,7 +20,7 @@ from training.objective import Objective
 from training.step import autocast, reduce_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-MODES = ["clip", "siglip", "gcl", "rgcl", "rgcl_g"]
+MODES = ["clip", "siglip", "gcl", "gcl_g", "rgcl", "rgcl_g"]
 BATCH, SAMPLES, VOCAB = 32, 256, 128
 CLIPA = ["--clipa.image_strategy", "random", "--clipa.image_keep", "0.5"]
 CLIPA += ["--clipa.text_strategy", "truncate", "--clipa.text_length", "8"]

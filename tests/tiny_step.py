@@ -18,7 +18,7 @@ from training.objective import Objective
 from training.step import TrainStep
 from training.tokenizer import CaptionTokenizer
 
-MODES = ["clip", "siglip", "gcl", "rgcl", "rgcl_g"]
+MODES = ["clip", "siglip", "gcl", "gcl_g", "rgcl", "rgcl_g"]
 SIZE = (32, 1, 2, 8, 32, 1, 2, 32)  # MODEL_SIZES' layout: vision w, layers, heads, patch, text w, l, h, out
 BATCH, SAMPLES, IMAGE = 8, 64, 32
 CAPTIONS = [

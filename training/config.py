@@ -36,7 +36,7 @@ CHOICES = {  # fields with a fixed set of values
     "run_device": ("auto", "cpu", "cuda"), "data_kind": ("synthetic", "flickr8k", "csv", "shards"),
     "data_caption_sampling": ("none", "laclip", "veclip"), "data_train_captions": ("as-given", "alt-enriched"),
     "model_size": tuple(MODEL_SIZES), "clipa_syntax_tagger": ("lemminflect", "nltk", "spacy"),
-    "model_pos_embed": ("learned", "sincos"), "model_text_tower": ("transformer", "adapter"), "loss_mode": ("clip", "siglip", "gcl", "rgcl", "rgcl_g"),
+    "model_pos_embed": ("learned", "sincos"), "model_text_tower": ("transformer", "adapter"), "loss_mode": ("clip", "siglip", "gcl", "gcl_g", "rgcl", "rgcl_g"),
     "loss_lr_tau_schedule": ("step_thresh", "const", "cosine"), "optim_name": ("adamw", "lamb"),
     "train_precision": ("auto", "bf16", "fp32"), "eval_retrieval_split": ("dev", "test", "none"),
     "train_kernels": ("auto", "triton"),
@@ -105,14 +105,14 @@ class TrainConfig:
     model_pos_embed: str = _f("learned", "Image position embeddings: learned or fixed 2-D sin-cos.")
     model_text_tower: str = _f("transformer", "Text tower: the packed transformer, or LLM2CLIP's adapter over cached embeddings.")
     model_init: str = _f("", "Start from a local Hugging Face CLIP folder: hf:DIR (both towers), hf-vision:DIR, hf-text:DIR; empty: random init.")
-    loss_mode: str = _f("rgcl_g", "Loss: clip, siglip, gcl, rgcl, rgcl_g (FastCLIP-v3).")
+    loss_mode: str = _f("rgcl_g", "Loss: clip, siglip, gcl (FastCLIP-v1), gcl_g (v0: gcl with a learned global tau), rgcl (v2), rgcl_g (v3).")
     loss_temperature: float = _f(0.07, "Initial temperature tau (constant for gcl; siglip: 0.1).")
     loss_gamma_min: float = _f(0.8, "FastCLIP: final inner learning rate gamma of the u estimator.")
     loss_gamma_decay_epochs: int = _f(10, "FastCLIP: epochs of the cosine decay of gamma from 1 to gamma_min.")
     loss_rho: float = _f(8.5, "FastCLIP: rho of RGCL / RGCL-g (6.5 CC3M, 8.5 CC12M, 16 LAION).")
     loss_eps: float = _f(1e-14, "FastCLIP: epsilon in log(eps + g) (1e-6 in the LAION recipe).")
-    loss_lr_tau: float = _f(2e-4, "FastCLIP: learning rate of the temperature (rgcl_g, rgcl).")
-    loss_lr_tau_schedule: str = _f("step_thresh", "Temperature LR (rgcl_g): step_thresh (x1/3 once tau <= 0.03), const, cosine (lr_tau to 0 over the run).")
+    loss_lr_tau: float = _f(2e-4, "FastCLIP: learning rate of the temperature (rgcl_g, gcl_g, rgcl).")
+    loss_lr_tau_schedule: str = _f("step_thresh", "Temperature LR (rgcl_g, gcl_g): step_thresh (x1/3 once tau <= 0.03), const, cosine (lr_tau to 0 over the run).")
     optim_name: str = _f("adamw", "Optimizer (the library's fused versions).")
     optim_lr: float = _f(1e-3, "Peak learning rate, reached after warmup.")
     optim_min_lr: float = _f(0.0, "Floor of the cosine learning-rate decay.")

@@ -2,9 +2,12 @@
 
 ``Objective`` builds the loss for this rank, knows which arguments each mode takes, initializes the
 temperature (``temperature_init``: SigLIP starts at tau 0.1 with bias -10), decides whether the global
-temperature trains (clip, siglip: with the model's LR; rgcl_g: its own group at ``loss.lr_tau``; gcl:
-frozen; rgcl: per-sample temperatures inside the loss state), sets the temperature's LR every step
-(``loss.lr_tau_schedule``: step_thresh, const, cosine) and clamps it after each update.
+temperature trains (clip, siglip: with the model's LR; rgcl_g and gcl_g: its own group at
+``loss.lr_tau``, as fast_clip's ``global_learnable`` scheme puts logit_scale in a group at ``--lr_tau``;
+gcl: frozen; rgcl: per-sample temperatures inside the loss state), sets the temperature's LR every step
+(``loss.lr_tau_schedule``: step_thresh, const, cosine) and clamps it after each update. gcl_g (fast_clip's
+v0, global_learnable without multiply_tau) trains tau by plain autograd: the loss returns the surrogate's
+d/ds as the logit scale's gradient, and the optimizer steps theta like any parameter.
 
     >>> obj = Objective(cfg, data_size=6000, device=torch.device("cpu"))
     >>> opt = FusedAdamW(obj.param_groups(model, weight_decay=0.1), lr=1e-3)
@@ -23,6 +26,7 @@ __all__ = ["Objective", "temperature_init"]
 
 SIGLIP_TAU_INIT = 0.1  # open_clip's SigLIP init: logit_scale = log(10)
 SIGLIP_BIAS_INIT = -10.0
+LEARNED_GLOBAL_TAU = ("rgcl_g", "gcl_g")  # FastCLIP modes whose global temperature has its own LR group
 
 
 def temperature_init(cfg) -> tuple[float, float | None]:
@@ -53,8 +57,8 @@ class Objective:
 
     # -- the temperature's parameter group and LR -------------------------------------------------
     def own_lr_tau(self) -> float | None:
-        """The global temperature's own LR (rgcl_g), else None (trained with the model, or frozen)."""
-        return self.lr_tau if self.mode == "rgcl_g" else None
+        """The global temperature's own LR (rgcl_g, gcl_g), else None (trained with the model, or frozen)."""
+        return self.lr_tau if self.mode in LEARNED_GLOBAL_TAU else None
 
     def prepare(self, model) -> None:
         """Freeze the global temperature where it does not train (gcl: constant; rgcl: per sample)."""

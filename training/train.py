@@ -4,7 +4,7 @@
 Per step: tokenize (Rust), CLIPA token reduction in stage 1 (image patches kept with
 fastclip_kernels.tokens or images resized; text truncated / masked), packed towers (bf16 autocast
 on GPU; optional torch.compile and activation checkpointing; DDP with K ranks), the library's loss
-(clip, siglip, or FastCLIP's gcl / rgcl / rgcl_g with its sharded per-sample state) and fused
+(clip, siglip, or FastCLIP's gcl / gcl_g / rgcl / rgcl_g with its sharded per-sample state) and fused
 optimizer. Stage 2 (``clipa.stage2_epochs``) trains at full tokens; with the resize strategy the
 position table is interpolated to the full grid first. Rank 0 logs a line and a CSV row every
 ``log.every_steps`` (loss, lr, tau, gamma, samples/s, MFU, peak memory), evaluates zero-shot accuracy
