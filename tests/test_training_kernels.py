@@ -60,7 +60,7 @@ def _two_steps(cfg):
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_kernels_match_the_cpu_path(monkeypatch, mode):
     # the optimizer's interpreter block (64) makes ~600 programs per launch here: 80 % of the run time
-    monkeypatch.setattr(optim_triton, "_block", lambda device: 1024)
+    monkeypatch.setattr(optim_triton, "_block", lambda device, numels: 1024)
     cfg = tiny_cfg(monkeypatch, mode)
     cpu_loss, cpu_params, _ = _two_steps(cfg)
     gpu_loss, gpu_params, ops = _two_steps(tiny_cfg(monkeypatch, mode, "--train.kernels", "triton"))
