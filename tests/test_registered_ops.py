@@ -83,7 +83,9 @@ def test_opcheck_state_update(backend, per_sample):
         state[1:] = [None, None, None]
     cfg = UpdateConfig(gamma=0.8, eps=1e-6, lr_tau=0.01, beta1=0.9, beta2=0.99, step=2)
     args = (torch.tensor([0, 2, 4, 6, 8, 1]), lam, delta, torch.randn(n, generator=g), log_u_old, tau)
-    _check(ops.state_update.default, *args, *state, 0, 2, cfg.floats(), cfg.step, False, True, backend)
+    _check(
+        ops.state_update.default, *args, *state, 0, 2, 2 * shard, cfg.floats(), cfg.step, False, True, backend
+    )
 
 
 @needs_interpreter

@@ -10,6 +10,8 @@ import torch
 from conftest import triton_device
 from helpers import assert_rel_close
 
+import fastclip_kernels._validation as validation
+import fastclip_kernels.ops.state_update as state_update_module
 from fastclip_kernels.fastclip import FastCLIPState
 from fastclip_kernels.ops.state_update import UpdateConfig, state_update
 from fastclip_kernels.ops.state_update.naive import log_u_update, u_update_ref
@@ -74,8 +76,9 @@ def test_update_writes_only_owned_entries():
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_out_of_range_indices_are_never_written(backend):
-    """With checks off (as for CUDA indices), bad indices must not write anywhere."""
+def test_out_of_range_indices_are_never_written(backend, monkeypatch):
+    """With the op's index checks off, bad indices must still not write anywhere (the kernel's mask)."""
+    monkeypatch.setattr(state_update_module, "check_global_indices", lambda *args: None)
     dev = triton_device() if backend == "triton" else "cpu"
     st = FastCLIPState(10, rank=0, world_size=1, device=dev)
     idx = torch.tensor([3, 13, -2, 25], device=dev)  # 13 would alias (text, 3); 25 is past the buffer
@@ -134,3 +137,50 @@ def test_fast_clip_running_bound_difference_is_bounded():
     assert diff[0] == 0.0  # b = 0: identical
     assert (diff[1:3] < 1e-5).all()  # u not tiny: negligible
     assert diff[3] > 1.0  # u e^-b far below eps: fast_clip's bound-scaled eps dominates
+
+
+BAD_INDICES = {
+    "negative": ([3, -2, 5], "in \\[0, 10\\)"),
+    "past the state": ([3, 10, 5], "in \\[0, 10\\)"),
+    "duplicate": ([3, 5, 3], "duplicate"),
+}
+
+
+def _update_with(idx, backend="reference"):
+    st = FastCLIPState(10, rank=0, world_size=1)
+    lam = torch.zeros(2, len(idx))
+    cfg = UpdateConfig(gamma=1.0, eps=0.0)
+    return torch.ops.fastclip.state_update(
+        torch.tensor(idx), lam, lam, lam[0], lam, torch.ones(2, len(idx)), st.log_u, None, None, None,
+        0, 1, 10, cfg.floats(), 1, False, True, backend,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INDICES)
+def test_raw_op_rejects_bad_indices(case):
+    """The registered op itself checks its indices (the loss's check does not cover direct callers):
+    CPU values on the host, ValueError."""
+    idx, match = BAD_INDICES[case]
+    with pytest.raises(ValueError, match=match):
+        _update_with(idx)
+
+
+@pytest.mark.parametrize("case", BAD_INDICES)
+def test_raw_op_asserts_bad_indices_on_the_device(case, monkeypatch):
+    """Without host checks (as for CUDA indices): torch._assert_async, which fails at once on CPU and
+    as a device assert on CUDA, with no host sync."""
+    monkeypatch.setattr(validation, "host_checks", lambda t, env: False)
+    idx, _ = BAD_INDICES[case]
+    with pytest.raises(RuntimeError, match="duplicate" if case == "duplicate" else "in \\[0, 10\\)"):
+        _update_with(idx)
+    _update_with([3, 9, 0])  # good indices pass the same path
+
+
+def test_raw_op_rejects_bad_index_shapes():
+    st, lam = FastCLIPState(10, rank=0, world_size=1), torch.zeros(2, 3)
+    buffers = (st.log_u, None, None, None)
+    args = (lam, lam, lam[0], lam, torch.ones(2, 3), *buffers, 0, 1, 10, [0.0] * 10, 1, False, True)
+    with pytest.raises(TypeError, match="indices must be int64"):
+        torch.ops.fastclip.state_update(torch.tensor([0.0, 1.0, 2.0]), *args, "reference")
+    with pytest.raises(ValueError, match="indices must be \\[n\\]"):
+        torch.ops.fastclip.state_update(torch.tensor([0, 1]), *args, "reference")

@@ -30,9 +30,14 @@ and log u~ for all n anchors (the backward needs them). No host synchronization.
 Registered op (fake implementation; the state tensors are declared mutated, so it traces):
 
     fastclip::state_update(indices, lam, delta, pos_dot, log_u_old, tau, log_u!, tau_state!?,
-        exp_avg!?, exp_avg_sq!?, rank, world_size, hparams: float[10], step, reference, write, backend)
-        -> (shift, ratio, log_ut, log_u_new)   each [2, n]
+        exp_avg!?, exp_avg_sq!?, rank, world_size, data_size, hparams: float[10], step, reference, write,
+        backend) -> (shift, ratio, log_ut, log_u_new)   each [2, n]
 It takes tensors and plain numbers, never the ``FastCLIPState`` module that owns the buffers.
+Its indices are checked like the loss's (``_validation.check_global_indices``): [n] int32/int64, in
+[0, data_size) and distinct; CPU values on the host (ValueError), device values with device-side asserts
+(``torch._assert_async``, no host sync) unless FASTCLIP_CHECK_INDICES=1 (then on the host). A bad
+index would otherwise update the wrong sample's u (one past the shard aliases the other modality's row)
+or let two programs race on one slot.
 """
 
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..._validation import check_global_indices
 from ..common import resolve_backend
 from . import naive
 from .naive import U_RESET_BELOW
@@ -73,6 +79,22 @@ class UpdateConfig:
         return cls(**dict(zip(_FLOATS, hparams, strict=True)), step=step, reference=reference, write=write)
 
 
+def _check_indices(indices, lam: Tensor, data_size: int, values: bool = True) -> None:
+    """indices: [n] int32/int64 on lam's device for lam [2, n]; with ``values``, in range and distinct."""
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a torch.Tensor of global sample ids, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int64 (or int32) global sample ids, got {indices.dtype}")
+    if lam.dim() != 2 or lam.shape[0] != 2 or indices.shape != (lam.shape[1],):
+        raise ValueError(
+            f"indices must be [n] for lam [2, n], got indices {tuple(indices.shape)}, lam {tuple(lam.shape)}"
+        )
+    if indices.device != lam.device:
+        raise ValueError(f"indices are on {indices.device}, expected {lam.device} (as lam)")
+    if values:
+        check_global_indices("indices", indices, data_size)
+
+
 @torch.library.custom_op(
     "fastclip::state_update", mutates_args=("log_u", "tau_state", "exp_avg", "exp_avg_sq")
 )
@@ -89,12 +111,14 @@ def _state_update_op(
     exp_avg_sq: Tensor | None,
     rank: int,
     world_size: int,
+    data_size: int,
     hparams: list[float],
     step: int,
     reference: bool,
     write: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_indices(indices, lam, data_size)
     cfg = UpdateConfig.from_op_args(hparams, step, reference, write)
     buffers = naive.StateBuffers(log_u, tau_state, exp_avg, exp_avg_sq, rank, world_size)
     if backend == "triton":
@@ -105,7 +129,23 @@ def _state_update_op(
 
 
 @_state_update_op.register_fake
-def _(indices, lam, *rest):
+def _(
+    indices,
+    lam,
+    delta,
+    pos_dot,
+    log_u_old,
+    tau,
+    log_u,
+    tau_state,
+    exp_avg,
+    exp_avg_sq,
+    rank,
+    world_size,
+    data_size,
+    *rest,
+):
+    _check_indices(indices, lam, data_size, values=False)
     return tuple(torch.empty_like(lam, memory_format=torch.contiguous_format) for _ in range(4))
 
 
@@ -124,7 +164,7 @@ def state_update(state, indices, lam, delta, pos_dot, log_u_old, tau, cfg: Updat
     opt = (state.tau, state.exp_avg, state.exp_avg_sq) if per_sample else (None, None, None)
     return torch.ops.fastclip.state_update(
         indices, lam, delta, pos_dot, log_u_old, tau, state.log_u, *opt, state.rank, state.world_size,
-        cfg.floats(), cfg.step, cfg.reference, cfg.write, backend,
+        state.data_size, cfg.floats(), cfg.step, cfg.reference, cfg.write, backend,
     )  # fmt: skip
 
 
