@@ -184,3 +184,14 @@ def test_raw_op_rejects_bad_index_shapes():
         torch.ops.fastclip.state_update(torch.tensor([0.0, 1.0, 2.0]), *args, "reference")
     with pytest.raises(ValueError, match="indices must be \\[n\\]"):
         torch.ops.fastclip.state_update(torch.tensor([0, 1]), *args, "reference")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_raw_op_device_index_checks_read_nothing_back(backend, monkeypatch):
+    """The device path of the op's index checks (as for CUDA indices) reads no value back."""
+    from test_no_host_sync import HostReads
+
+    monkeypatch.setattr(validation, "host_checks", lambda t, env: False)
+    with HostReads() as reads:
+        _update_with([3, 9, 0, 5], backend)
+    assert reads.ops == [], reads.ops
