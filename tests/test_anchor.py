@@ -292,3 +292,49 @@ def test_no_candidate_left_gives_minus_inf_lse(backend):
     lse, _, pos_dot = anchor_stats(a, c, s, label_offset=0, exclude_positive=True, backend=backend)
     assert lse.item() == float("-inf")
     assert_rel_close("pos_dot", pos_dot, a.double() @ c.double().T, 1e-6)
+
+
+def _bad_anchor_call(op, device, label_offset=2, m=3, n=7, **sizes):
+    """One anchor_stats / anchor_grad call at M=3, N=7 with some vector lengths or terms changed."""
+    a, c = torch.randn(m, 8, device=device), torch.randn(n, 8, device=device)
+    vec = {k: torch.rand(sizes.get(k, m if k.startswith(("row", "pos")) else n), device=device) for k in
+           ("row_scale", "row_shift", "row_coef", "col_scale", "col_shift", "col_coef", "pos_coef")}  # fmt: skip
+    for name in sizes.get("drop", ()):
+        vec[name] = None
+    kw = dict(label_offset=label_offset, exclude_positive=True, backend="chunked")
+    if op == "stats":
+        return anchor_stats(a, c, vec["row_scale"], **kw)
+    row = tuple(vec[f"row_{k}"] for k in ("scale", "shift", "coef"))
+    col = tuple(vec[f"col_{k}"] for k in ("scale", "shift", "coef"))
+    return torch.ops.fastclip.anchor_grad(a, c, vec["pos_coef"], *row, *col, label_offset, True, "chunked")
+
+
+BAD_ANCHOR_ARGS = {
+    "offset -1": (
+        "stats",
+        dict(label_offset=-1),
+        "label_offset must be an int in \\[0, N - M\\] = \\[0, 4\\]",
+    ),
+    "offset past N - M": ("grad", dict(label_offset=5), "label_offset must be an int in \\[0, N - M\\]"),
+    "more rows than columns": ("stats", dict(label_offset=0, m=8), "label_offset must be an int"),
+    "short row_scale": ("stats", dict(row_scale=2), "row_scale must have shape \\(3,\\)"),
+    "long pos_coef": ("grad", dict(pos_coef=4), "pos_coef must have shape \\(3,\\)"),
+    "col vector of M": ("grad", dict(col_shift=3), "col_shift must have shape \\(7,\\)"),
+    "half a row term": (
+        "grad",
+        dict(drop=("row_coef",)),
+        "row_scale, row_shift and row_coef must be given together",
+    ),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", BAD_ANCHOR_ARGS)
+def test_raw_ops_reject_bad_offsets_and_vector_lengths(case, device):
+    """The registered ops check the positive's column index (label_offset) and the per-anchor vector
+    lengths from shapes alone (their fake implementations too): an offset past N - M put positives
+    outside c and short vectors were read past their end, silently."""
+    op, kw, match = BAD_ANCHOR_ARGS[case]
+    with pytest.raises(ValueError, match=match):
+        _bad_anchor_call(op, device, **kw)
+    _bad_anchor_call(op, device)  # the same call with good arguments runs
