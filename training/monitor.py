@@ -41,6 +41,27 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in _PEAKS.items() if k in name), None)
 
 
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``); False where there is none.
+
+    On a CPU the towers' activations change shape from step to step (packed text of varying length),
+    and glibc's heap fragments: without this, a flickr8k run's resident set grew by about 50 MB per
+    step at 112 px (to 10 GiB over a run), although nothing was leaked. Cheap: the loop calls it at log
+    steps on CPU runs."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    return bool(_MALLOC_TRIM and _MALLOC_TRIM(0) is not None)
+
+
+_MALLOC_TRIM = None
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated GPU memory, or on a CPU the process's peak resident set size, in GiB."""
     if device.type == "cuda":

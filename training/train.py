@@ -33,7 +33,7 @@ from .data.sampler import GlobalIndexSampler
 from .data.stream import count_samples
 from .evaluate import retrieval_recall, zero_shot_accuracy
 from .model import build_model
-from .monitor import Monitor, peak_flops, peak_memory_gib
+from .monitor import Monitor, peak_flops, peak_memory_gib, release_free_heap
 from .objective import Objective
 from .seeds import stream_seed
 from .step import FiniteWatch, NonFiniteLoss, TrainStep, autocast, pos_table
@@ -257,6 +257,8 @@ class Run:
                     self.watch.check()
                 monitor.advance()  # no host read: the bar shows the loss logged at log steps
                 if log_now:
+                    if self.device.type == "cpu":
+                        release_free_heap()
                     elapsed = time.perf_counter() - tic
                     skipped = dist.sum_over_ranks(skipped, self.ranks)  # all ranks, since the last row
                     monitor.log(self._row(loss, seen / elapsed, flops / elapsed, skipped))
