@@ -249,7 +249,7 @@ def flickr8k() -> TrainConfig:
     return TrainConfig(run_name="flickr8k", run_device="auto", data_kind="flickr8k", data_path="flickr8k",
                        data_num_samples=None, data_image_size=112, data_caption_sampling="laclip",
                        data_vocab_size=4096, model_size="small", loss_rho=6.5, loss_gamma_min=0.2,
-                       loss_gamma_decay_epochs=10, loss_lr_tau=SHORT_RUN_LR_TAU, optim_lr=3e-4,
+                       loss_gamma_decay_epochs=10, loss_lr_tau=SHORT_RUN_LR_TAU, optim_lr=2e-4,
                        optim_warmup_steps=50, train_batch_size=128, train_epochs=20.0,
                        clipa_image_strategy="resize", clipa_image_resize=64, clipa_text_strategy="truncate",
                        clipa_text_length=16, clipa_stage2_epochs=2.0, clipa_stage2_lr=1e-4,
