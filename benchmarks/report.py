@@ -96,6 +96,9 @@ def reproductions(reports: list[dict]) -> str:
         "|" + "---|" * 6,
     ]
     for rep in reports:
+        if "gain" in rep:  # training.llm2clip.cra: one claim, CRA after - before over tuning seeds
+            lines.append(_cra_row(rep))
+            continue
         for c in rep["contrasts"]:
             if c["verdict"] == "pending":
                 done = sum(len(a["seeds_done"]) for a in rep["arms"])
@@ -110,6 +113,19 @@ def reproductions(reports: list[dict]) -> str:
             )
     papers = [f"- **{r['experiment']}**: {r['paper']} Here: {r['note']}" for r in reports]
     return "\n".join([*lines, "", *papers])
+
+
+def _cra_row(rep: dict) -> str:
+    link = f"[{rep['experiment']}](benchmarks/results/experiments/{rep['experiment']}/report.md)"
+    claim = "caption-contrastive tuning raises caption retrieval accuracy"
+    g = rep["gain"]
+    if g is None or len(rep["seeds_done"]) < len(rep["seeds"]):
+        done = f"pending ({len(rep['seeds_done'])}/{len(rep['seeds'])} seeds)"
+        return f"| {link} | {claim} | CRA after - before | {done} |  | **pending** |"
+    before = sum(r["cra_before"] for r in rep["per_seed"]) / len(rep["per_seed"])
+    ours = f"{_pp(g['mean'])} [{_pp(g['lo'])}, {_pp(g['hi'])}] (from {100 * before:.1f} %)"
+    per = ", ".join(_pp(v) for v in g["per_seed"])
+    return f"| {link} | {claim} | CRA after - before | {ours} | {per} | **{g['verdict']}** |"
 
 
 def _replace(text: str, start: str, end: str, body: str) -> str:

