@@ -319,7 +319,12 @@ def report(name: str, folder: str) -> dict:
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(out, f, indent=2)
     with open(os.path.join(folder, "report.md"), "w") as f:
-        f.write(markdown(out) + "\n")
+        plot = (
+            f"\n![{out['experiment']}](report.png)\n"
+            if any(c["verdict"] != "pending" for c in out["contrasts"])
+            else ""
+        )
+        f.write(markdown(out) + "\n" + plot)
     _plot(out, os.path.join(folder, "report.png"))
     return out
 

@@ -169,7 +169,8 @@ def report(folder: str, seeds) -> dict:
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(out, f, indent=2)
     with open(os.path.join(folder, "report.md"), "w") as f:
-        f.write(markdown(out) + "\n")
+        plot = f"\n![{out['experiment']}](report.png)\n" if out["gain"] is not None else ""
+        f.write(markdown(out) + "\n" + plot)
     _plot(out, os.path.join(folder, "report.png"))
     return out
 
