@@ -184,12 +184,19 @@ EXPERIMENTS = {
             "rgcl_g-b128": ("--loss.mode", "rgcl_g", "--train.batch_size", "128"),
             "clip-b32": ("--loss.mode", "clip", "--train.batch_size", "32"),
             "rgcl_g-b32": ("--loss.mode", "rgcl_g", "--train.batch_size", "32"),
+            # diagnostic: the global estimator u at a constant tau (v1 = SogCLR), tau as clip's ends up
+            "gcl-b32": ("--loss.mode", "gcl", "--train.batch_size", "32"),
         },
         contrasts=(
             difference("rgcl_g-b128", "clip-b128", "FastCLIP-v3 beats OpenCLIP's loss at batch 128"),
             difference("rgcl_g-b32", "clip-b32", "FastCLIP-v3 beats OpenCLIP's loss at batch 32"),
             gap_growth(
                 "rgcl_g-b128", "clip-b128", "rgcl_g-b32", "clip-b32", "the gap grows as the batch shrinks"
+            ),
+            difference(
+                "gcl-b32",
+                "clip-b32",
+                "the global contrastive loss (v1, constant tau) beats OpenCLIP's at batch 32",
             ),
         ),
         paper="FastCLIP (arXiv 2407.01445, README figures; IN & variants average): CC3M RN50 v3 / OpenCLIP "
