@@ -374,14 +374,14 @@ def _plot(rep: dict, path: str) -> None:
         return
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(rows)))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(rows)))
     for y, c in enumerate(rows):
         ax.errorbar(100 * c["mean"], y, xerr=[[100 * (c["mean"] - c["lo"])], [100 * (c["hi"] - c["mean"])]],
                     fmt="o", color="black")  # fmt: skip
         ax.plot([100 * v for v in c["per_seed"].values()], [y] * len(c["per_seed"]), "x", color="gray")
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_yticks(range(len(rows)), [c["contrast"] for c in rows])
-    ax.set_xlabel("contrast (pp of mean recall; 95 % interval, x: seeds)")
+    ax.set_xlabel("pp of mean recall (dot: mean, bar: 95 % interval, x: seeds)")
     ax.set_title(rep["experiment"])
     fig.tight_layout()
     fig.savefig(path)
