@@ -111,7 +111,13 @@ def reproductions(reports: list[dict]) -> str:
                 f"| [{rep['experiment']}](benchmarks/results/experiments/{rep['experiment']}/report.md) | "
                 f"{c['claim']} | {c['contrast']} | {ours} | {per} | **{c['verdict']}** |"
             )
-    papers = [f"- **{r['experiment']}**: {r['paper']} Here: {r['note']}" for r in reports]
+    papers = []
+    for r in reports:
+        plot = EXPERIMENTS / r["experiment"] / "report.png"
+        link = (
+            f" [Plot](benchmarks/results/experiments/{r['experiment']}/report.png)." if plot.exists() else ""
+        )
+        papers.append(f"- **{r['experiment']}**: {r['paper']} Here: {r['note']}{link}")
     return "\n".join([*lines, "", *papers])
 
 
