@@ -117,7 +117,8 @@ def reproductions(reports: list[dict]) -> str:
         link = (
             f" [Plot](benchmarks/results/experiments/{r['experiment']}/report.png)." if plot.exists() else ""
         )
-        papers.append(f"- **{r['experiment']}**: {r['paper']} Here: {r['note']}{link}")
+        proper = f" A proper test needs: {r['proper_test']}" if r.get("proper_test") else ""
+        papers.append(f"- **{r['experiment']}**: {r['paper']} Here: {r['note']}{proper}{link}")
     return "\n".join([*lines, "", *papers])
 
 
