@@ -116,6 +116,29 @@ def test_tiny_grid_runs_reports_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="arms"):
         ex.run("tiny", runs, results, arms=["c"])
 
+    # another experiment declaring a run of exactly this configuration reuses its record, seed by seed;
+    # a new configuration trains
+    trained = []
+
+    def train_and_note(cfg):
+        trained.append(cfg.run_name)
+        from training.train import train
+
+        return train(cfg)
+
+    monkeypatch.setitem(ex.EXPERIMENTS, "tiny2", ex.Experiment(
+        base=base, arms={"same": ("--optim.lr", "1e-3"), "new": ("--optim.lr", "2e-3")}, seeds=(0, 1),
+        contrasts=(ex.difference("new", "same"),)))  # fmt: skip
+    ex.run("tiny2", runs, results, train_fn=train_and_note)
+    assert trained == ["new-s0", "new-s1"]
+    for seed in (0, 1):
+        with open(folder / f"a-s{seed}.json") as f:
+            original = json.load(f)
+        with open(tmp_path / "results" / "tiny2" / f"same-s{seed}.json") as f:
+            reused = json.load(f)
+        assert reused["reused_from"] == f"tiny/a-s{seed}" and reused["seed"] == seed
+        assert reused["per_image"] == original["per_image"] and reused["arm"] == "same"
+
 
 def test_readme_reproductions_render_both_report_kinds(tmp_path):
     """benchmarks/report.py turns a runner report (contrasts) and the CRA study's report (one gain) into

@@ -198,7 +198,8 @@ EXPERIMENTS = {
         ),
         paper="LLM2CLIP (arXiv 2411.04997): caption retrieval accuracy (COCO) Llama3-8B 18.4 -> 73.0 after "
         "caption-contrastive tuning; CLIP then trains on the tuned LLM's embeddings.",
-        note="MiniLM stands in for the LLM.",
+        note="MiniLM stands in for the LLM. The transformer arm is laclip's laclip arm (the same "
+        "configuration: its records are reused, not rerun).",
         proper_test="A decoder LLM (LLM2CLIP: Llama-3-8B, CRA 18 -> 73 after tuning) whose raw embeddings are "
         "poor; MiniLM is already sentence-contrastive, so tuning it has little to add.",
         needs=("runs/emb-raw", "runs/emb-cc"),

@@ -92,6 +92,35 @@ def record_parts(rec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.tensor(p["n_captions"], dtype=torch.float64))  # fmt: skip
 
 
+def _configuration(argv: list[str]) -> list[str]:
+    """``argv`` without the options that only name where a run writes (they do not change training)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--run.output_dir", "--run.name"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def _identical_record(results: str, argv: list[str], seed: int) -> tuple[str, dict] | None:
+    """A finished record (``experiment/arm-sSEED``, record) of any experiment under ``results`` whose
+    run had exactly this configuration (same arguments in the same order, same seed), else None."""
+    want = _configuration(argv)
+    for exp_name in sorted(os.listdir(results)) if os.path.isdir(results) else []:
+        folder = os.path.join(results, exp_name)
+        for fname in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if not fname.endswith(f"-s{seed}.json") or fname.startswith("report"):
+                continue
+            with open(os.path.join(folder, fname)) as f:
+                rec = json.load(f)
+            if rec.get("seed") == seed and "reused_from" not in rec and _configuration(rec["argv"]) == want:
+                return f"{exp_name}/{fname[: -len('.json')]}", rec
+    return None
+
+
 # -- running and reporting -------------------------------------------------------------------------
 def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report_only: bool = False,
         train_fn=None, arms=None, seeds=None) -> dict:  # fmt: skip
@@ -120,6 +149,13 @@ def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report
         run_dir = os.path.join(out, name, f"{arm}-s{seed}")
         argv = [*exp.base, *exp.arms[arm], "--run.seed", str(seed), "--run.output_dir", os.path.join(out, name),
                 "--run.name", f"{arm}-s{seed}"]  # fmt: skip
+        same = _identical_record(results, argv, seed)
+        if same is not None:  # another experiment already ran this exact configuration: reuse it
+            rec = {**same[1], "experiment": name, "arm": arm, "seed": seed, "reused_from": same[0]}
+            with open(record_path + ".tmp", "w") as f:
+                json.dump(rec, f, separators=(",", ":"))
+            os.replace(record_path + ".tmp", record_path)
+            continue
         seconds = None
         if not os.path.exists(os.path.join(run_dir, "metrics.json")):
             tic = time.perf_counter()
