@@ -140,6 +140,23 @@ def test_tiny_grid_runs_reports_and_resumes(tmp_path, monkeypatch):
         assert reused["per_image"] == original["per_image"] and reused["arm"] == "same"
 
 
+def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch):
+    """Runs train in their own process; one that exits non-zero (here: a checkpoint to start from that
+    does not exist) is named in a RuntimeError after the others are recorded, and a rerun retries only it."""
+    base = (*tiny_argv(32), "--train.max_steps", "1", "--log.progress_bar", "false")
+    exp = ex.Experiment(base=base, arms={"bad": ("--model.init", f"hf:{tmp_path / 'missing'}"), "ok": ()},
+                        seeds=(0,), contrasts=(ex.difference("ok", "bad"),))  # fmt: skip
+    monkeypatch.setitem(ex.EXPERIMENTS, "fails", exp)
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    with pytest.raises(RuntimeError, match=r"runs failed: bad-s0 \(python -m training.train exited with 1\)"):
+        ex.run("fails", runs, results)
+    assert sorted(os.listdir(tmp_path / "results" / "fails")) == ["ok-s0.json", "report.json", "report.md"]
+    tried = []
+    with pytest.raises(RuntimeError, match="bad-s0"):
+        ex.run("fails", runs, results, train_fn=lambda cfg: tried.append(cfg.run_name) or 1 / 0)
+    assert tried == ["bad-s0"]
+
+
 def test_readme_reproductions_render_both_report_kinds(tmp_path):
     """benchmarks/report.py turns a runner report (contrasts) and the CRA study's report (one gain) into
     README rows; a pending CRA study says how many seeds are done."""

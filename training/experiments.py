@@ -2,8 +2,8 @@
 
 An experiment is a declared grid of arms (command-line overrides of one base) x seeds, and the papers'
 claims about it as *contrasts*: functions of the arms' scores that are > 0 when the claim holds. Each run
-trains in ``<out>/<name>/<arm>-s<seed>`` and leaves a small record in ``<results>/<name>/<arm>-s<seed>.json``
-(default ``benchmarks/results/experiments``, committed): its arguments, wall time, final metrics and the
+trains in its own process (a failed run is named at the end; the others go on) in
+``<out>/<name>/<arm>-s<seed>`` and leaves a small record in ``<results>/<name>/<arm>-s<seed>.json`` (default ``benchmarks/results/experiments``, committed): its arguments, wall time, final metrics and the
 per-test-image retrieval hits that every interval is computed from. A run whose record exists is skipped
 (resumable across machines and sessions: commit the records).
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -125,9 +126,10 @@ def _identical_record(results: str, argv: list[str], seed: int) -> tuple[str, di
 def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report_only: bool = False,
         train_fn=None, arms=None, seeds=None) -> dict:  # fmt: skip
     """Run the missing runs of experiment ``name`` (all, or those of ``arms`` x ``seeds``; none when
-    ``report_only``), then write the report over the finished ones."""
+    ``report_only``), then write the report over the finished ones. Each run trains in its own process
+    (``python -m training.train``), or through ``train_fn(cfg)`` in this one when given; a run that fails
+    does not stop the others, and ``RuntimeError`` names the failed runs after the report is written."""
     from .config import parse_args
-    from .train import train
 
     exp = EXPERIMENTS[name]
     unknown = sorted(set(arms or ()) - set(exp.arms))
@@ -139,6 +141,7 @@ def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report
     todo = [
         (a, s) for s in exp.seeds for a in exp.arms if (not arms or a in arms) and (not seeds or s in seeds)
     ]
+    failed = []
     for arm, seed in [] if report_only else todo:
         record_path = os.path.join(folder, f"{arm}-s{seed}.json")
         if os.path.exists(record_path):
@@ -158,14 +161,29 @@ def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report
             continue
         seconds = None
         if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+            cfg = parse_args(argv)  # a bad declaration fails here, before any run trains
             tic = time.perf_counter()
-            (train_fn or train)(parse_args(argv))
+            try:
+                if train_fn is not None:
+                    train_fn(cfg)
+                else:  # a fresh process per run: its heap and loader workers end with it
+                    rc = subprocess.run([sys.executable, "-m", "training.train", *argv]).returncode
+                    if rc != 0:
+                        raise RuntimeError(f"python -m training.train exited with {rc}")
+            except Exception as err:  # one failed run does not stop the others
+                failed.append(f"{arm}-s{seed} ({err})")
+                print(f"experiment {name}: run {arm}-s{seed} failed: {err}; going on", file=sys.stderr)
+                continue
             seconds = round(time.perf_counter() - tic, 1)
         rec = {"experiment": name, "arm": arm, "seed": seed, **make_record(run_dir, argv, seconds)}
         with open(record_path + ".tmp", "w") as f:
             json.dump(rec, f, separators=(",", ":"))
         os.replace(record_path + ".tmp", record_path)
-    return report(name, folder)
+    rep = report(name, folder)
+    if failed:
+        raise RuntimeError(f"experiment {name}: runs failed: {', '.join(failed)} (the others are recorded; "
+                           "rerun to retry them)")  # fmt: skip
+    return rep
 
 
 def report(name: str, folder: str) -> dict:
