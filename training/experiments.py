@@ -3,7 +3,8 @@
 An experiment is a declared grid of arms (command-line overrides of one base) x seeds, and the papers'
 claims about it as *contrasts*: functions of the arms' scores that are > 0 when the claim holds. Each run
 trains in its own process (a failed run is named at the end; the others go on) in
-``<out>/<name>/<arm>-s<seed>`` and leaves a small record in ``<results>/<name>/<arm>-s<seed>.json`` (default ``benchmarks/results/experiments``, committed): its arguments, wall time, final metrics and the
+``<out>/<name>/<arm>-s<seed>`` and leaves a small record in ``<results>/<name>/<arm>-s<seed>.json``
+(default ``benchmarks/results/experiments``, committed): its arguments, wall time, final metrics and the
 per-test-image retrieval hits that every interval is computed from. A run whose record exists is skipped
 (resumable across machines and sessions: commit the records).
 
