@@ -201,7 +201,11 @@ EXPERIMENTS = {
         note="MiniLM stands in for the LLM. The transformer arm is laclip's laclip arm (the same "
         "configuration: its records are reused, not rerun).",
         proper_test="A decoder LLM (LLM2CLIP: Llama-3-8B, CRA 18 -> 73 after tuning) whose raw embeddings are "
-        "poor; MiniLM is already sentence-contrastive, so tuning it has little to add.",
+        "poor; MiniLM is already sentence-contrastive, so tuning it has little to add: here the tuning (300 LoRA "
+        "steps pulling an image's 5 captions together) raised CRA by 1.5 points (llm2clip-cra) and still "
+        "lowered the adapter tower's retrieval, perhaps because the loop's captions of one image become "
+        "near-duplicates to it. Both adapter arms beat the transformer trained from scratch (6.3 / 5.9 vs "
+        "3.7 %).",
         needs=("runs/emb-raw", "runs/emb-cc"),
     ),
 }
