@@ -94,6 +94,14 @@ def record_parts(rec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.tensor(p["n_captions"], dtype=torch.float64))  # fmt: skip
 
 
+def _child_env() -> dict:
+    """This environment, with the folder holding this ``training`` package first on PYTHONPATH (a run's
+    process imports the same code as the runner, from any working directory)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 def _configuration(argv: list[str]) -> list[str]:
     """``argv`` without the options that only name where a run writes (they do not change training)."""
     out, skip = [], False
@@ -168,7 +176,9 @@ def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report
                 if train_fn is not None:
                     train_fn(cfg)
                 else:  # a fresh process per run: its heap and loader workers end with it
-                    rc = subprocess.run([sys.executable, "-m", "training.train", *argv]).returncode
+                    rc = subprocess.run(
+                        [sys.executable, "-m", "training.train", *argv], env=_child_env()
+                    ).returncode
                     if rc != 0:
                         raise RuntimeError(f"python -m training.train exited with {rc}")
             except Exception as err:  # one failed run does not stop the others
