@@ -94,6 +94,13 @@ def record_parts(rec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.tensor(p["n_captions"], dtype=torch.float64))  # fmt: skip
 
 
+def _write_record(path: str, rec: dict) -> None:
+    """Write ``rec`` to ``path`` atomically (an interrupted write leaves no record, so the run reruns)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(rec, f, separators=(",", ":"))
+    os.replace(path + ".tmp", path)
+
+
 def _child_env() -> dict:
     """This environment, with the folder holding this ``training`` package first on PYTHONPATH (a run's
     process imports the same code as the runner, from any working directory)."""
@@ -163,14 +170,12 @@ def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report
                 "--run.name", f"{arm}-s{seed}"]  # fmt: skip
         same = _identical_record(results, argv, seed)
         if same is not None:  # another experiment already ran this exact configuration: reuse it
-            rec = {**same[1], "experiment": name, "arm": arm, "seed": seed, "reused_from": same[0]}
-            with open(record_path + ".tmp", "w") as f:
-                json.dump(rec, f, separators=(",", ":"))
-            os.replace(record_path + ".tmp", record_path)
+            _write_record(record_path, {**same[1], "experiment": name, "arm": arm, "seed": seed,
+                                        "reused_from": same[0]})  # fmt: skip
             continue
         seconds = None
         if not os.path.exists(os.path.join(run_dir, "metrics.json")):
-            cfg = parse_args(argv)  # a bad declaration fails here, before any run trains
+            cfg = parse_args(argv)  # a bad declaration stops the experiment here: it is not a failed run
             tic = time.perf_counter()
             try:
                 if train_fn is not None:
@@ -186,10 +191,8 @@ def run(name: str, out: str = "runs/experiments", results: str = RESULTS, report
                 print(f"experiment {name}: run {arm}-s{seed} failed: {err}; going on", file=sys.stderr)
                 continue
             seconds = round(time.perf_counter() - tic, 1)
-        rec = {"experiment": name, "arm": arm, "seed": seed, **make_record(run_dir, argv, seconds)}
-        with open(record_path + ".tmp", "w") as f:
-            json.dump(rec, f, separators=(",", ":"))
-        os.replace(record_path + ".tmp", record_path)
+        _write_record(record_path, {"experiment": name, "arm": arm, "seed": seed,
+                                    **make_record(run_dir, argv, seconds)})  # fmt: skip
     rep = report(name, folder)
     if failed:
         raise RuntimeError(f"experiment {name}: runs failed: {', '.join(failed)} (the others are recorded; "
