@@ -110,9 +110,13 @@ EXPERIMENTS = {
         "accuracy-vs-compute figure (resizing to 17 image tokens, ImageNet zero-shot): S/16 -6.2, B/16 about "
         "-4.0, L/16 -3.0 points.",
         note="Text side only (the two sizes differ in patch size, which cancels within a size). Tiny: 2+2 "
-        "layers of width 128; small: 6+4 layers of width 256. Evaluated at the trained length.",
+        "layers of width 128; small: 6+4 layers of width 256. Evaluated at the trained length. The share "
+        "contrast is in points of the share (each size's 8-token score as a percentage of its full-length "
+        "score); a ratio of two small recalls, so its interval is wide.",
         proper_test="Models a size class apart trained to convergence on large data (CLIPA: S/16, B/16, L/16 "
-        "on LAION-400M); here both sizes are far from converged and data-limited.",
+        "on LAION-400M), where the large model's full-length lead is several points; here both sizes are "
+        "far from converged and data-limited, the lead is a fraction of a point, and both keep about the same "
+        "share at 8 tokens.",
     ),
     "laclip": Experiment(
         base=(*_MINI, *_EPOCHS_8),
