@@ -105,7 +105,8 @@ def reproductions(reports: list[dict]) -> str:
                 total = len(rep["arms"]) * len(rep["seeds"])
                 ours, per = f"pending ({done}/{total} runs)", ""
             else:
-                ours = f"{_pp(c['mean'])} [{_pp(c['lo'])}, {_pp(c['hi'])}]"
+                unit = "" if c.get("unit", "pp") == "pp" else f" {c['unit']}"  # a share's points
+                ours = f"{_pp(c['mean'])} [{_pp(c['lo'])}, {_pp(c['hi'])}]{unit}"
                 per = ", ".join(_pp(v) for v in c["per_seed"].values())
             lines.append(
                 f"| [{rep['experiment']}](benchmarks/results/experiments/{rep['experiment']}/report.md) | "

@@ -55,6 +55,30 @@ def test_contrast_formulas():
     assert float(ex.share_gap("a", "b", "c", "d", "").value(s)) == pytest.approx(4 / 3 - 0.8)
 
 
+def test_a_share_contrast_is_reported_in_points_of_share(tmp_path):
+    """A difference of ratios is not in points of recall: its unit reaches the report, the table and the
+    plot gets a panel of its own."""
+    assert ex.difference("a", "b").unit == "pp" and ex.share_gap("a", "b", "c", "d", "").unit == "pp of share"
+    gen = torch.Generator().manual_seed(0)
+
+    def parts():
+        return ((torch.rand(20, 3, generator=gen) < 0.3).double(), torch.randint(0, 3, (20, 3), generator=gen)
+                .double(), torch.full((20,), 5.0, dtype=torch.float64))  # fmt: skip
+
+    runs = {(a, s): parts() for a in "abcd" for s in (0, 1)}
+    rows = [ex.contrast_interval(c, runs, (0, 1), ex.bootstrap_weights(20, samples=50))
+            for c in (ex.difference("a", "b"), ex.share_gap("a", "b", "c", "d", "keeps"))]  # fmt: skip
+    assert [r["unit"] for r in rows] == ["pp", "pp of share"]
+    arms = [{"arm": a, "args": [], "seeds_done": [0, 1], "per_seed": {"0": 0.1, "1": 0.2}, "mean_recall": 0.15,
+             "minutes_per_run": 1.0} for a in "abcd"]  # fmt: skip
+    table = ex.markdown({"seeds": [0, 1], "arms": arms, "contrasts": rows}).splitlines()
+    share_row = next(line for line in table if "a/b - c/d" in line)
+    diff_row = next(line for line in table if "| a - b |" in line)
+    assert "pp of share" in share_row and "pp of share" not in diff_row
+    ex._plot({"experiment": "t", "arms": arms, "contrasts": rows}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_declared_experiments_parse():
     """Every arm of every declared experiment is a valid configuration; contrasts name real arms."""
     from training.config import parse_args

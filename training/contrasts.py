@@ -29,6 +29,7 @@ class Contrast:
     claim: str
     arms: tuple[str, ...]
     value: Callable[[dict], torch.Tensor]
+    unit: str = "pp"  # what 0.01 of ``value`` reads as: points of mean recall, or of a share
 
 
 def difference(a: str, b: str, claim: str = "") -> Contrast:
@@ -44,10 +45,12 @@ def gap_growth(a_large: str, b_large: str, a_small: str, b_small: str, claim: st
 
 
 def share_gap(big_short: str, big_full: str, small_short: str, small_full: str, claim: str) -> Contrast:
-    """``big_short / big_full - small_short / small_full``: the bigger model keeps a larger share."""
+    """``big_short / big_full - small_short / small_full``: the bigger model keeps a larger share (a
+    difference of ratios: its unit is points of the share, not of recall)."""
     return Contrast(f"{big_short}/{big_full} - {small_short}/{small_full}", claim,
                     (big_short, big_full, small_short, small_full),
-                    lambda s: s[big_short] / s[big_full] - s[small_short] / s[small_full])  # fmt: skip
+                    lambda s: s[big_short] / s[big_full] - s[small_short] / s[small_full],
+                    unit="pp of share")  # fmt: skip
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -107,4 +110,4 @@ def contrast_interval(contrast: Contrast, parts: dict, seeds, weights: torch.Ten
     spread = (sum((v - mean) ** 2 for v in per_seed) / max(1, len(per_seed) - 1)) ** 0.5
     return {"contrast": contrast.name, "claim": contrast.claim, "mean": mean, "lo": lo, "hi": hi,
             "per_seed": dict(zip(map(str, seeds), per_seed, strict=True)), "seed_sd": spread,
-            "verdict": verdict(per_seed, lo, hi)}  # fmt: skip
+            "verdict": verdict(per_seed, lo, hi), "unit": contrast.unit}  # fmt: skip

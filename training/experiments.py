@@ -250,6 +250,12 @@ def _pp(v) -> str:
     return f"{100 * v:+.2f}"
 
 
+def _unit(c: dict) -> str:
+    """The unit after a contrast's mean where it is not the table's (pp of mean recall)."""
+    unit = c.get("unit", "pp")
+    return "" if unit == "pp" else f" {unit}"
+
+
 def markdown(rep: dict) -> str:
     seeds = len(rep["seeds"])
     lines = ["| arm | mean recall (%) | per seed (%) | minutes / run |", "|---|---|---|---|"]
@@ -265,12 +271,14 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {c['claim']} | {c['contrast']} | | | | pending |")
             continue
         per = ", ".join(_pp(v) for v in c["per_seed"].values())
-        lines.append(f"| {c['claim']} | {c['contrast']} | {_pp(c['mean'])} | [{_pp(c['lo'])}, {_pp(c['hi'])}] "
-                     f"| {per} | {c['verdict']} |")  # fmt: skip
+        lines.append(f"| {c['claim']} | {c['contrast']} | {_pp(c['mean'])}{_unit(c)} | "
+                     f"[{_pp(c['lo'])}, {_pp(c['hi'])}] | {per} | {c['verdict']} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def _plot(rep: dict, path: str) -> None:
+    """Top: each arm's score per seed and its mean; below: the contrasts (mean, 95 % interval, seeds), one
+    panel per unit (a share's points are not recall's)."""
     rows = [c for c in rep["contrasts"] if c["verdict"] != "pending"]
     try:
         import matplotlib
@@ -281,15 +289,30 @@ def _plot(rep: dict, path: str) -> None:
         return
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(rows)))
-    for y, c in enumerate(rows):
-        ax.errorbar(100 * c["mean"], y, xerr=[[100 * (c["mean"] - c["lo"])], [100 * (c["hi"] - c["mean"])]],
-                    fmt="o", color="black")  # fmt: skip
-        ax.plot([100 * v for v in c["per_seed"].values()], [y] * len(c["per_seed"]), "x", color="gray")
-    ax.axvline(0, color="gray", lw=0.8)
-    ax.set_yticks(range(len(rows)), [c["contrast"] for c in rows])
-    ax.set_xlabel("pp of mean recall (dot: mean, bar: 95 % interval, x: seeds)")
+    units = list(dict.fromkeys(c.get("unit", "pp") for c in rows))
+    groups = [[c for c in rows if c.get("unit", "pp") == u] for u in units]
+    arms = [a for a in rep["arms"] if a["per_seed"]]
+    heights = [0.6 + 0.4 * len(arms)] + [0.6 + 0.45 * len(g) for g in groups]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 1.0 * len(heights) + sum(heights)),
+                             gridspec_kw={"height_ratios": heights})  # fmt: skip
+    ax = axes[0]
+    for y, a in enumerate(arms):
+        ax.plot([100 * v for v in a["per_seed"].values()], [y] * len(a["per_seed"]), "x", color="gray")
+        ax.plot(100 * a["mean_recall"], y, "o", color="black")
+    ax.set_yticks(range(len(arms)), [a["arm"] for a in arms])
+    ax.invert_yaxis()  # the declared order, top down
+    ax.set_xlabel("mean recall, % (dot: mean over seeds, x: seeds)")
     ax.set_title(rep["experiment"])
+    for ax, unit, group in zip(axes[1:], units, groups, strict=True):
+        for y, c in enumerate(group):
+            ax.errorbar(100 * c["mean"], y, xerr=[[100 * (c["mean"] - c["lo"])], [100 * (c["hi"] - c["mean"])]],
+                        fmt="o", color="black")  # fmt: skip
+            ax.plot([100 * v for v in c["per_seed"].values()], [y] * len(c["per_seed"]), "x", color="gray")
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_yticks(range(len(group)), [c["contrast"] for c in group])
+        ax.invert_yaxis()
+        what = "pp of mean recall" if unit == "pp" else unit
+        ax.set_xlabel(f"{what} (dot: mean, bar: 95 % interval, x: seeds)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
