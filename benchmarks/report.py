@@ -105,7 +105,7 @@ def reproductions(reports: list[dict]) -> str:
                 total = len(rep["arms"]) * len(rep["seeds"])
                 ours, per = f"pending ({done}/{total} runs)", ""
             else:
-                unit = "" if c.get("unit", "pp") == "pp" else f" {c['unit']}"  # a share's points
+                unit = "" if c["unit"] == "pp" else f" {c['unit']}"  # a share's points
                 ours = f"{_pp(c['mean'])} [{_pp(c['lo'])}, {_pp(c['hi'])}]{unit}"
                 per = ", ".join(_pp(v) for v in c["per_seed"].values())
             lines.append(

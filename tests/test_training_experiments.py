@@ -195,7 +195,9 @@ def test_readme_reproductions_render_both_report_kinds(tmp_path):
     spec.loader.exec_module(mod)
     runner = {"experiment": "fastclip", "paper": "P.", "note": "N.", "seeds": [0], "arms": [],
               "contrasts": [{"contrast": "a - b", "claim": "a wins", "mean": 0.01, "lo": 0.002, "hi": 0.02,
-                             "per_seed": {"0": 0.01}, "verdict": "reproduces"}]}  # fmt: skip
+                             "per_seed": {"0": 0.01}, "verdict": "reproduces", "unit": "pp"},
+                            {"contrast": "c/d - e/f", "claim": "c keeps more", "mean": 0.1, "lo": -0.1, "hi": 0.3,
+                             "per_seed": {"0": 0.1}, "verdict": "not shown", "unit": "pp of share"}]}  # fmt: skip
     rec = {"seed": 0, "cra_before": 0.5, "cra_after": 0.53, "per_image_before": [10, 12, 8],
            "per_image_after": [11, 13, 10], "queries_per_image": 20, "mcnemar": {"improved": 4, "worsened": 0, "p_value": 0.125}, "tune_seconds": 1.0,
            "first_loss": 1.0, "last_loss": 0.5, "cra_first_two_before": 0.5, "cra_first_two_after": 0.5}  # fmt: skip
@@ -205,6 +207,7 @@ def test_readme_reproductions_render_both_report_kinds(tmp_path):
     pending = cra.report(str(tmp_path), [0, 1, 2])
     text = mod.reproductions([runner, done])
     assert "| a wins | a - b | +1.00 [+0.20, +2.00] | +1.00 | **reproduces** |" in text
+    assert "| c/d - e/f | +10.00 [-10.00, +30.00] pp of share | +10.00 | **not shown** |" in text
     assert "CRA after - before | +6.67 [" in text and "(from 50.0 %) | +6.67, +6.67 |" in text
     assert "pending (2/3 seeds)" in mod.reproductions([pending])
     assert "- **llm2clip-cra**: LLM2CLIP" in text

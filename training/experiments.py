@@ -252,8 +252,7 @@ def _pp(v) -> str:
 
 def _unit(c: dict) -> str:
     """The unit after a contrast's mean where it is not the table's (pp of mean recall)."""
-    unit = c.get("unit", "pp")
-    return "" if unit == "pp" else f" {unit}"
+    return "" if c["unit"] == "pp" else f" {c['unit']}"
 
 
 def markdown(rep: dict) -> str:
@@ -289,8 +288,8 @@ def _plot(rep: dict, path: str) -> None:
         return
     if not rows:
         return
-    units = list(dict.fromkeys(c.get("unit", "pp") for c in rows))
-    groups = [[c for c in rows if c.get("unit", "pp") == u] for u in units]
+    units = list(dict.fromkeys(c["unit"] for c in rows))
+    groups = [[c for c in rows if c["unit"] == u] for u in units]
     arms = [a for a in rep["arms"] if a["per_seed"]]
     heights = [0.6 + 0.4 * len(arms)] + [0.6 + 0.45 * len(g) for g in groups]
     fig, axes = plt.subplots(len(heights), 1, figsize=(9, 1.0 * len(heights) + sum(heights)),
